@@ -1,0 +1,191 @@
+"""API key lifecycle (create, validate, revoke, rotate) and the validation cache.
+
+The cache is keyed by the key's HMAC, never the key itself. It holds positive entries
+(key + tenant) and negative ones (unknown hash), both with a TTL and a bounded size.
+Expiry and revocation times are re-checked against the clock on every hit, so a key
+that expires while cached is refused on the next request; other changes (revoke, suspend)
+reach the cache through ``refresh()``, which a server polls a few times a second.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from extauthz.clock import SYSTEM_CLOCK, Clock
+from extauthz.errors import UnknownKeyError, UnknownTenantError
+from extauthz.keys import KeyFormat, Pepper, generate_key
+from extauthz.model import APIKey, Tenant, new_id
+from extauthz.store import Store
+
+_Entry = tuple[APIKey, Tenant]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The outcome of checking one presented key. ``reason`` is None when it is valid."""
+
+    reason: str | None
+    key: APIKey | None = None
+    tenant: Tenant | None = None
+
+
+class KeyResolver:
+    """Presented key -> (key, tenant) or a reason, through the cache."""
+
+    def __init__(
+        self,
+        store: Store,
+        pepper: Pepper,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        prefix: str = "nk",
+        ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        size: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.pepper = pepper
+        self.clock = clock
+        self.format = KeyFormat(prefix)
+        self._lock = threading.Lock()
+        self._hits: TTLCache[bytes, _Entry] = TTLCache(size, ttl, timer=clock.monotonic)
+        self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
+        self._last_used: dict[str, float] = {}
+        self._revision = -1
+        self.stats = {"hit": 0, "miss": 0, "negative_hit": 0}
+
+    def resolve(self, presented: str) -> Resolution:
+        problem = self.format.problem(presented)
+        if problem is not None:
+            return Resolution(problem)
+        key_hash = self.pepper.hash_key(presented)
+        with self._lock:
+            entry = self._hits.get(key_hash)
+            negative = entry is None and key_hash in self._misses
+        if negative:
+            self.stats["negative_hit"] += 1
+            return Resolution("unknown_key")
+        if entry is None:
+            self.stats["miss"] += 1
+            # Unknown and known-but-revoked keys both cost exactly one lookup here, so
+            # response time does not tell an attacker which of the two a key is.
+            found = self.store.lookup(key_hash)
+            with self._lock:
+                if found is None:
+                    self._misses[key_hash] = True
+                    return Resolution("unknown_key")
+                self._hits[key_hash] = found
+            entry = found
+        else:
+            self.stats["hit"] += 1
+        key, tenant = entry
+        # The store found the row by an index on the hash; compare again in constant time.
+        if not self.pepper.matches(presented, key.key_hash):
+            return Resolution("unknown_key")
+        now = self.clock.now()
+        state = key.state_at(now)
+        if state != "active":
+            return Resolution("key_revoked" if state == "revoked" else "key_expired", key, tenant)
+        if not tenant.is_active:
+            return Resolution("tenant_suspended", key, tenant)
+        self._last_used[key.key_id] = now
+        return Resolution(None, key, tenant)
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._hits.clear()
+            self._misses.clear()
+
+    def refresh(self) -> bool:
+        """Drop the cache if the store changed since the last call. True if it did."""
+        revision = self.store.revision()
+        if revision == self._revision:
+            return False
+        self._revision = revision
+        self.invalidate()
+        return True
+
+    def flush_last_used(self) -> int:
+        """Write the batched last-used times to the store; returns how many keys."""
+        with self._lock:
+            pending, self._last_used = self._last_used, {}
+        self.store.touch_keys(pending)
+        return len(pending)
+
+
+class APIKeyManager:
+    """The seed's key API, backed by a real store: ``create_key``, ``validate_key``, ..."""
+
+    def __init__(
+        self,
+        store: Store,
+        pepper: Pepper,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        prefix: str = "nk",
+        resolver: KeyResolver | None = None,
+    ) -> None:
+        self.store = store
+        self.pepper = pepper
+        self.clock = clock
+        self.prefix = prefix
+        self.resolver = resolver or KeyResolver(store, pepper, clock, prefix=prefix)
+
+    def _new(self, tenant_id: str, name: str, expires_in: float | None) -> tuple[APIKey, str]:
+        full_key = generate_key(self.prefix)
+        now = self.clock.now()
+        key = APIKey(
+            key_id=new_id("key_"),
+            tenant_id=tenant_id,
+            name=name,
+            key_hash=self.pepper.hash_key(full_key),
+            pepper_version=self.pepper.version,
+            created_at=now,
+            expires_at=None if expires_in is None else now + expires_in,
+        )
+        return key, full_key
+
+    def create_key(
+        self, tenant_id: str, name: str = "default", expires_in: float | None = None
+    ) -> tuple[str, str]:
+        """Create a key for an existing tenant. Returns ``(key_id, full_key)``; the full key
+        is never stored and cannot be shown again."""
+        if self.store.get_tenant(tenant_id) is None:
+            raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
+        key, full_key = self._new(tenant_id, name, expires_in)
+        self.store.insert_key(key)
+        self.resolver.invalidate()
+        return key.key_id, full_key
+
+    def validate_key(self, full_key: str) -> APIKey | None:
+        """The key's record if it is valid now (known, not revoked or expired, tenant
+        active), else None."""
+        result = self.resolver.resolve(full_key)
+        return result.key if result.reason is None else None
+
+    def revoke_key(self, key_id: str) -> APIKey:
+        key = self.store.revoke_key(key_id, self.clock.now())
+        self.resolver.invalidate()
+        return key
+
+    def rotate_key(self, key_id: str, grace: float = 3600.0) -> tuple[str, str]:
+        """A new key for the same tenant; the old one keeps working for ``grace`` seconds."""
+        old = self.store.get_key(key_id)
+        if old is None:
+            raise UnknownKeyError(f"no API key with id {key_id!r}")
+        key, full_key = self._new(old.tenant_id, old.name, None)
+        self.store.rotate_key(key_id, key, self.clock.now() + grace)
+        self.resolver.invalidate()
+        return key.key_id, full_key
+
+    def get_key(self, key_id: str) -> APIKey:
+        key = self.store.get_key(key_id)
+        if key is None:
+            raise UnknownKeyError(f"no API key with id {key_id!r}")
+        return key
+
+    def list_keys(self, tenant_id: str | None = None) -> list[APIKey]:
+        return self.store.list_keys(tenant_id)

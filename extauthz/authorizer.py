@@ -1,0 +1,157 @@
+"""The decision core: request -> key -> tenant -> decision. No gRPC, no HTTP, no protobuf.
+
+Phases, in order (each may end the request with a deny):
+  1. refuse keys in the query string (they end up in logs and browser history);
+  2. find exactly one key in the configured headers;
+  3. check its format and checksum (no store access for junk);
+  4. resolve it through the cache and the store: known, not revoked, not expired;
+  5. check the tenant is active;
+  6. allow, with identity headers for the upstream and the key header removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from extauthz.apikeys import KeyResolver
+from extauthz.errors import StoreError
+from extauthz.keys import MAX_KEY_LEN
+from extauthz.model import CheckInput, Decision, Principal
+
+log = logging.getLogger("extauthz.authorizer")
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    status: int
+    message: str
+
+
+# Every deny reason the product can answer with; the README's table mirrors this one.
+# Revoked/expired keys are 401 (the credential is no longer valid); a suspended tenant
+# is 403 (the credential is valid, but its owner may not use the service now).
+REASONS: dict[str, Reason] = {
+    "missing_key": Reason(401, "An API key is required: send it in the {headers} header."),
+    "malformed_key": Reason(401, "The API key is not in the expected format."),
+    "bad_checksum": Reason(401, "The API key's checksum does not match: was it copied whole?"),
+    "multiple_keys": Reason(401, "Send exactly one API key per request."),
+    "key_in_query": Reason(
+        401, "API keys are not accepted in the URL query string: send it in the {headers} header."
+    ),
+    "unknown_key": Reason(401, "The API key is not valid."),
+    "key_revoked": Reason(401, "The API key has been revoked."),
+    "key_expired": Reason(401, "The API key has expired."),
+    "tenant_suspended": Reason(403, "The tenant that owns this API key is suspended."),
+    "invalid_request": Reason(400, "The authorization request was incomplete or malformed."),
+    "store_unavailable": Reason(503, "Authorization is temporarily unavailable; retry shortly."),
+    "internal_error": Reason(503, "Authorization failed unexpectedly; retry shortly."),
+}
+
+
+def deny_decision(reason: str, key_headers: tuple[str, ...] = ("x-api-key",)) -> Decision:
+    """The full deny answer for ``reason``: status, JSON body and client headers."""
+    spec = REASONS[reason]
+    headers_text = " or ".join(
+        "'Authorization: Bearer <key>'" if h == "authorization" else h for h in key_headers
+    )
+    message = spec.message.format(headers=headers_text)
+    client: list[tuple[str, str]] = [
+        ("content-type", "application/json"),
+        ("cache-control", "no-store"),
+    ]
+    if spec.status == 401:
+        challenge = 'Bearer realm="extauthz"'
+        if reason != "missing_key":
+            challenge += ', error="invalid_token"'
+        client.append(("www-authenticate", challenge))
+    if spec.status == 503:
+        client.append(("retry-after", "1"))
+    body = json.dumps({"error": reason, "message": message}).encode()
+    return Decision(False, spec.status, reason, message, client_headers=tuple(client), body=body)
+
+
+class Authorizer:
+    def __init__(
+        self,
+        resolver: KeyResolver,
+        key_headers: tuple[str, ...] = ("x-api-key", "authorization"),
+        query_key_params: tuple[str, ...] = ("api_key", "apikey"),
+    ) -> None:
+        self.resolver = resolver
+        self.key_headers = key_headers
+        self.query_key_params = frozenset(query_key_params)
+        # Deny answers never vary per request, so build each once.
+        self.denials = {reason: deny_decision(reason, key_headers) for reason in REASONS}
+
+    def check(self, request: CheckInput) -> Decision:
+        if self.query_key_params and "?" in request.path and self._key_in_query(request.path):
+            return self.denials["key_in_query"]
+        found = self._find_keys(request)
+        if isinstance(found, str):
+            return self.denials[found]
+        header, presented = found
+        try:
+            result = self.resolver.resolve(presented)
+        except StoreError as exc:
+            # Fail closed: without the store we cannot tell a revoked key from a good one.
+            log.warning("store lookup failed, denying with 503: %s", exc)
+            return self.denials["store_unavailable"]
+        if result.reason is not None:
+            return self.denials[result.reason]
+        key, tenant = result.key, result.tenant
+        assert key is not None and tenant is not None  # noqa: S101 (resolve's contract)
+        principal = Principal(tenant.id, tenant.tier, key.key_id)
+        return Decision(
+            allowed=True,
+            status=200,
+            reason="ok",
+            principal=principal,
+            upstream_headers=(
+                ("x-tenant-id", tenant.id),
+                ("x-tenant-tier", tenant.tier.value),
+                ("x-api-key-id", key.key_id),
+            ),
+            remove_headers=(header,),
+        )
+
+    def _key_in_query(self, path: str) -> bool:
+        query = path.split("?", 1)[1].split("#", 1)[0]
+        for pair in query.split("&"):
+            name = pair.split("=", 1)[0].lower()
+            if name in self.query_key_params:
+                return True
+        return False
+
+    def _find_keys(self, request: CheckInput) -> tuple[str, str] | str:
+        """The one (header, key) pair, or a deny reason."""
+        found: list[tuple[str, str]] = []
+        for header in self.key_headers:
+            raw = request.headers.get(header)
+            if raw is None:
+                continue
+            values = raw if isinstance(raw, tuple) else (raw,)
+            for value in values:
+                if len(value) > 4 * MAX_KEY_LEN:
+                    return "malformed_key"  # capped before any parsing, hashing or logging
+                # Envoy joins repeated headers with ',', which no key contains.
+                for part in value.split(","):
+                    token = self._token(header, part.strip())
+                    if token is not None:
+                        found.append((header, token))
+        if not found:
+            return "missing_key"
+        if len(found) > 1:
+            return "multiple_keys"
+        return found[0]
+
+    @staticmethod
+    def _token(header: str, value: str) -> str | None:
+        if header != "authorization":
+            return value or None
+        scheme, _, token = value.partition(" ")
+        # Other schemes (Basic, Digest) belong to the upstream; they are not our keys.
+        if scheme.lower() != "bearer":
+            return None
+        return token.strip() or ""

@@ -1,0 +1,317 @@
+"""The `extauthz` command. Admin commands live here; long-running ones in runner.py.
+
+Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 conflict, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from extauthz import __version__
+from extauthz.app import Runtime, init
+from extauthz.errors import ConflictError, ExtauthzError, NotFoundError
+from extauthz.model import APIKey, Tenant, TenantTier
+from extauthz.settings import Settings, load_settings, parse_duration
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _tenant_json(t: Tenant) -> dict[str, object]:
+    data = t.to_dict()
+    data["created_at"], data["updated_at"] = _when(t.created_at), _when(t.updated_at)
+    return data
+
+
+def _key_state(k: APIKey, now: float) -> str:
+    state = k.state_at(now)
+    if state == "active" and k.expires_at is not None:
+        return f"active until {_when(k.expires_at)}"
+    return state
+
+
+def _key_json(k: APIKey, now: float) -> dict[str, object]:
+    data: dict[str, object] = {"key_id": k.key_id, "tenant_id": k.tenant_id, "name": k.name,
+                               "state": k.state_at(now)}
+    for field in ("created_at", "expires_at", "revoked_at", "last_used_at"):
+        data[field] = None if getattr(k, field) is None else _when(getattr(k, field))
+    data["rotated_to"] = k.rotated_to
+    return data
+
+
+# ---------------------------------------------------------------- init
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    result = init(settings)
+    if args.json:
+        _print_json(result)
+    else:
+        if result["pepper_file"]:
+            verb = "created" if result["pepper_created"] else "kept existing"
+            print(f"pepper: {verb} {result['pepper_file']} (mode 0600; back it up, keep it secret)")
+        else:
+            print("pepper: from EXTAUTHZ_PEPPER")
+        print(f"database: {result['database_url']} (schema version {result['schema_version']})")
+    return 0
+
+
+# ---------------------------------------------------------------- tenants
+
+
+def _with_runtime(fn: Callable[[argparse.Namespace, Runtime], int]) -> Handler:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        runtime = Runtime.open(settings)
+        try:
+            return fn(args, runtime)
+        finally:
+            runtime.close()
+
+    return run
+
+
+def _show_tenant(args: argparse.Namespace, rt: Runtime, t: Tenant, verb: str = "") -> int:
+    if args.json:
+        _print_json(_tenant_json(t))
+    elif verb:
+        print(f"{verb} tenant {t.name} ({t.id}): tier {t.tier.value}, {t.status.value}")
+    else:
+        for label, value in _tenant_json(t).items():
+            print(f"{label + ':':12} {value}")
+        keys = rt.keys.list_keys(t.id)
+        active = sum(1 for k in keys if k.state_at(rt.clock.now()) == "active")
+        print(f"{'keys:':12} {active} active, {len(keys)} in all")
+    return 0
+
+
+@_with_runtime
+def cmd_tenants_create(args: argparse.Namespace, rt: Runtime) -> int:
+    tenant = rt.tenants.create_tenant(args.name, TenantTier.parse(args.tier), args.id)
+    return _show_tenant(args, rt, tenant, "created")
+
+
+@_with_runtime
+def cmd_tenants_list(args: argparse.Namespace, rt: Runtime) -> int:
+    tenants = rt.tenants.list_tenants()
+    if args.json:
+        _print_json([_tenant_json(t) for t in tenants])
+    elif not tenants:
+        print("no tenants yet: create one with `extauthz tenants create NAME --tier free`")
+    else:
+        _table([[t.id, t.name, t.tier.value, t.status.value, _when(t.created_at)] for t in tenants],
+               ["ID", "NAME", "TIER", "STATUS", "CREATED"])
+    return 0
+
+
+@_with_runtime
+def cmd_tenants_show(args: argparse.Namespace, rt: Runtime) -> int:
+    return _show_tenant(args, rt, rt.tenants.find(args.tenant))
+
+
+def _tenant_change(action: str) -> Handler:
+    @_with_runtime
+    def run(args: argparse.Namespace, rt: Runtime) -> int:
+        tenant = rt.tenants.find(args.tenant)
+        if action == "suspend":
+            return _show_tenant(args, rt, rt.tenants.suspend(tenant.id), "suspended")
+        if action == "resume":
+            return _show_tenant(args, rt, rt.tenants.resume(tenant.id), "resumed")
+        if action == "set-tier":
+            changed = rt.tenants.set_tier(tenant.id, TenantTier.parse(args.tier))
+            return _show_tenant(args, rt, changed, "updated")
+        rt.tenants.delete(tenant.id)
+        if args.json:
+            _print_json({"id": tenant.id, "deleted": True})
+        else:
+            print(f"deleted tenant {tenant.name} ({tenant.id}) and all its keys")
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _print_new_key(args: argparse.Namespace, rt: Runtime, key_id: str, full_key: str,
+                   verb: str) -> None:
+    key = rt.keys.get_key(key_id)
+    if args.json:
+        _print_json({"key_id": key_id, "key": full_key, "tenant_id": key.tenant_id,
+                     "name": key.name, "expires_at": key.expires_at and _when(key.expires_at)})
+        return
+    print(f"{verb} API key {key_id} for tenant {key.tenant_id}"
+          + (f", expires {_when(key.expires_at)}" if key.expires_at else ""))
+    print(f"key: {full_key}")
+    print("This is the only time the key is shown: store it now.", file=sys.stderr)
+
+
+@_with_runtime
+def cmd_keys_create(args: argparse.Namespace, rt: Runtime) -> int:
+    tenant = rt.tenants.find(args.tenant)
+    expires = parse_duration(args.expires_in, "--expires-in") if args.expires_in else None
+    if expires == 0:
+        raise ExtauthzError("--expires-in must be more than 0")
+    key_id, full_key = rt.keys.create_key(tenant.id, args.name, expires)
+    _print_new_key(args, rt, key_id, full_key, "created")
+    return 0
+
+
+@_with_runtime
+def cmd_keys_list(args: argparse.Namespace, rt: Runtime) -> int:
+    tenant_id = rt.tenants.find(args.tenant).id if args.tenant else None
+    keys, now = rt.keys.list_keys(tenant_id), rt.clock.now()
+    if args.json:
+        _print_json([_key_json(k, now) for k in keys])
+    elif not keys:
+        print("no API keys" + (f" for {args.tenant}" if args.tenant else ""))
+    else:
+        _table([[k.key_id, k.tenant_id, k.name, _key_state(k, now), _when(k.created_at),
+                 _when(k.last_used_at)] for k in keys],
+               ["KEY ID", "TENANT", "NAME", "STATE", "CREATED", "LAST USED"])
+    return 0
+
+
+@_with_runtime
+def cmd_keys_show(args: argparse.Namespace, rt: Runtime) -> int:
+    data = _key_json(rt.keys.get_key(args.key_id), rt.clock.now())
+    if args.json:
+        _print_json(data)
+    else:
+        for label, value in data.items():
+            print(f"{label + ':':14} {'-' if value is None else value}")
+    return 0
+
+
+@_with_runtime
+def cmd_keys_revoke(args: argparse.Namespace, rt: Runtime) -> int:
+    key = rt.keys.revoke_key(args.key_id)
+    if args.json:
+        _print_json(_key_json(key, rt.clock.now()))
+    else:
+        print(f"revoked API key {key.key_id} (tenant {key.tenant_id}); "
+              "running servers refuse it within a second")
+    return 0
+
+
+@_with_runtime
+def cmd_keys_rotate(args: argparse.Namespace, rt: Runtime) -> int:
+    grace = parse_duration(args.grace, "--grace")
+    key_id, full_key = rt.keys.rotate_key(args.key_id, grace)
+    if not args.json:
+        print(f"old key {args.key_id} keeps working until {_when(rt.clock.now() + grace)}")
+    _print_new_key(args, rt, key_id, full_key, "rotated to")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from extauthz import runner
+
+    parser = argparse.ArgumentParser(
+        prog="extauthz", description="External authorization sidecar for Envoy."
+    )
+    parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="settings file (or EXTAUTHZ_CONFIG)")
+    parser.add_argument("--data-dir", metavar="DIR", help="data directory (or EXTAUTHZ_DATA_DIR)")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="sqlite:///PATH or memory:// (or EXTAUTHZ_DATABASE_URL)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent: Any, name: str, fn: Handler, help_: str, json_flag: bool = True) -> Any:
+        cmd = parent.add_parser(name, help=help_, description=help_)
+        cmd.set_defaults(fn=fn)
+        if json_flag:
+            cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return cmd
+
+    add(sub, "init", cmd_init, "create the pepper file and the database (safe to re-run)")
+    runner.add_commands(sub, add)
+
+    tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    c = add(tenants, "create", cmd_tenants_create, "create a tenant")
+    c.add_argument("name")
+    c.add_argument("--tier", default="free", help="free, starter, professional or enterprise")
+    c.add_argument("--id", help="choose the tenant id (default: generated)")
+    add(tenants, "list", cmd_tenants_list, "list tenants")
+    for name, help_ in (("show", "show a tenant"), ("suspend", "suspend: its keys get 403"),
+                        ("resume", "resume a suspended tenant"),
+                        ("delete", "delete a tenant and all its keys")):
+        fn = cmd_tenants_show if name == "show" else _tenant_change(name)
+        add(tenants, name, fn, help_).add_argument("tenant", help="tenant id or name")
+    c = add(tenants, "set-tier", _tenant_change("set-tier"), "change a tenant's tier")
+    c.add_argument("tenant", help="tenant id or name")
+    c.add_argument("tier", help="free, starter, professional or enterprise")
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    c = add(keys, "create", cmd_keys_create, "create an API key (shown once)")
+    c.add_argument("tenant", help="tenant id or name")
+    c.add_argument("--name", default="default", help="a label for the key")
+    c.add_argument("--expires-in", metavar="DURATION", help="e.g. 90d, 12h (default: never)")
+    c = add(keys, "list", cmd_keys_list, "list API keys (never the keys themselves)")
+    c.add_argument("tenant", nargs="?", help="only this tenant's keys")
+    add(keys, "show", cmd_keys_show, "show one key's record").add_argument("key_id")
+    add(keys, "revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
+    c = add(keys, "rotate", cmd_keys_rotate, "issue a new key; the old one ends after --grace")
+    c.add_argument("key_id")
+    c.add_argument("--grace", default="1h", metavar="DURATION", help="default 1h; 0 ends it now")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        overrides: dict[str, Any] = {}
+        if args.data_dir:
+            overrides["data_dir"] = load_settings(environ={"EXTAUTHZ_DATA_DIR": args.data_dir}).data_dir
+        if args.database_url:
+            overrides["database_url"] = args.database_url
+        settings = settings.with_overrides(**overrides)
+        logging.basicConfig(
+            level=settings.log_level.upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        handler: Handler = args.fn
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except ExtauthzError as exc:
+        if args.debug:
+            raise
+        print(f"extauthz: error: {exc}", file=sys.stderr)
+        if isinstance(exc, NotFoundError):
+            return 3
+        return 4 if isinstance(exc, ConflictError) else 1
+    except Exception as exc:  # the user gets one line, not a traceback
+        if args.debug:
+            raise
+        print(f"extauthz: unexpected error ({type(exc).__name__}): {exc}; "
+              "re-run with --debug for details", file=sys.stderr)
+        return 1

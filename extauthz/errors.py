@@ -1,0 +1,43 @@
+"""The exceptions extauthz raises.
+
+    ExtauthzError                 every error of ours; its message is safe to show a user
+    ├── ConfigError               a bad setting or settings file
+    ├── NotFoundError             a tenant or key that does not exist
+    │   ├── UnknownTenantError
+    │   └── UnknownKeyError
+    ├── ConflictError             a name that is taken, a key already revoked
+    └── StoreError                the database failed (driver errors are wrapped here)
+
+No message ever contains an API key, a key hash or the pepper: callers name keys by
+their public key id only.
+"""
+
+from __future__ import annotations
+
+
+class ExtauthzError(Exception):
+    """Base of every extauthz error. The message is meant for the user."""
+
+
+class ConfigError(ExtauthzError):
+    """A setting, the settings file or the pepper is missing or invalid."""
+
+
+class NotFoundError(ExtauthzError):
+    """The object asked for does not exist."""
+
+
+class UnknownTenantError(NotFoundError):
+    """No tenant with that id or name."""
+
+
+class UnknownKeyError(NotFoundError):
+    """No API key with that key id."""
+
+
+class ConflictError(ExtauthzError):
+    """The change conflicts with the current state (a duplicate name, say)."""
+
+
+class StoreError(ExtauthzError):
+    """The store could not answer; the driver's own error is chained as the cause."""

@@ -1,0 +1,131 @@
+"""API key format, checksum and peppered hashing.
+
+A key looks like ``nk_<43 base62 chars: 256 random bits>_<6 base62 chars: CRC32 of the body>``.
+The checksum lets us refuse typos and junk without touching the store; the store keeps
+only ``HMAC-SHA256(pepper, key)``, and the pepper never enters the database.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import secrets
+import stat
+import zlib
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+from extauthz.errors import ConfigError
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BODY_LEN = 43  # 62**43 > 2**256
+CHECKSUM_LEN = 6  # 62**6 > 2**32
+# Anything longer than the longest legal key is refused before it is hashed or logged.
+MAX_KEY_LEN = 16 + 1 + BODY_LEN + 1 + CHECKSUM_LEN
+_PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
+
+
+def _b62(number: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        number, rem = divmod(number, 62)
+        out.append(BASE62[rem])
+    if number:
+        raise ValueError("number does not fit the width")
+    return "".join(reversed(out))
+
+
+def checksum(body: str) -> str:
+    return _b62(zlib.crc32(body.encode("ascii")), CHECKSUM_LEN)
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ConfigError(
+            f"key prefix {prefix!r} is invalid: use 1-16 lowercase letters and digits, "
+            "starting with a letter"
+        )
+    return prefix
+
+
+def generate_key(prefix: str = "nk") -> str:
+    """A new random key. It is shown to the user once and never stored."""
+    body = _b62(secrets.randbits(256), BODY_LEN)
+    return f"{check_prefix(prefix)}_{body}_{checksum(body)}"
+
+
+class KeyFormat:
+    """Checks a presented key's shape and checksum; no store, no secret involved."""
+
+    def __init__(self, prefix: str = "nk") -> None:
+        self.prefix = check_prefix(prefix)
+        self._re = re.compile(
+            rf"{re.escape(prefix)}_([0-9A-Za-z]{{{BODY_LEN}}})_([0-9A-Za-z]{{{CHECKSUM_LEN}}})",
+            re.ASCII,
+        )
+
+    def problem(self, presented: str) -> str | None:
+        """None for a well-formed key, else the deny reason code."""
+        if len(presented) > MAX_KEY_LEN:
+            return "malformed_key"
+        match = self._re.fullmatch(presented)
+        if match is None:
+            return "malformed_key"
+        if not hmac.compare_digest(checksum(match.group(1)), match.group(2)):
+            return "bad_checksum"
+        return None
+
+
+@dataclass(frozen=True)
+class Pepper:
+    """The server-side secret mixed into every key hash."""
+
+    secret: bytes
+    version: int = 1
+
+    def __repr__(self) -> str:
+        return f"Pepper(version={self.version}, secret=<hidden>)"
+
+    def hash_key(self, key: str) -> bytes:
+        return hmac.new(self.secret, key.encode("utf-8"), sha256).digest()
+
+    def matches(self, key: str, stored_hash: bytes) -> bool:
+        return hmac.compare_digest(self.hash_key(key), stored_hash)
+
+    @classmethod
+    def from_hex(cls, text: str, source: str) -> Pepper:
+        try:
+            secret = bytes.fromhex(text.strip())
+        except ValueError:
+            raise ConfigError(f"pepper in {source} is not hex") from None
+        if len(secret) < 32:
+            raise ConfigError(f"pepper in {source} is shorter than 32 bytes (64 hex digits)")
+        return cls(secret)
+
+    @classmethod
+    def load(cls, path: Path) -> Pepper:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise ConfigError(
+                f"pepper file {path} does not exist: run `extauthz init` to create it"
+            ) from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"pepper file {path} is readable by other users: run `chmod 600 {path}`"
+            )
+        return cls.from_hex(path.read_text(encoding="ascii"), str(path))
+
+    @staticmethod
+    def create(path: Path) -> bool:
+        """Write a new random pepper with mode 0600. False if the file already exists."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(secrets.token_hex(32) + "\n")
+        return True

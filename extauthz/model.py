@@ -1,0 +1,145 @@
+"""Plain data shared by the core, the stores and the transports. No protobuf, no HTTP."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from extauthz.errors import ConfigError
+
+_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def new_id(prefix: str, length: int = 16) -> str:
+    """A random public identifier such as ``t_3kTq9...``; never a secret."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+class TenantTier(enum.Enum):
+    FREE = "free"
+    STARTER = "starter"
+    PROFESSIONAL = "professional"
+    ENTERPRISE = "enterprise"
+
+    @classmethod
+    def parse(cls, text: str) -> TenantTier:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            names = ", ".join(t.value for t in cls)
+            raise ConfigError(f"unknown tier {text!r}: use one of {names}") from None
+
+
+class TenantStatus(enum.Enum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+@dataclass(slots=True)
+class Tenant:
+    name: str
+    tier: TenantTier = TenantTier.FREE
+    status: TenantStatus = TenantStatus.ACTIVE
+    id: str = field(default_factory=lambda: new_id("t_"))
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def is_active(self) -> bool:
+        return self.status is TenantStatus.ACTIVE
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "tier": self.tier.value,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(slots=True)
+class APIKey:
+    """A stored key. The secret itself is never kept; ``key_hash`` is its peppered HMAC."""
+
+    key_id: str
+    tenant_id: str
+    name: str
+    key_hash: bytes = field(repr=False)
+    pepper_version: int = 1
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    rotated_to: str | None = None
+
+    def state_at(self, now: float) -> str:
+        """``active``, ``revoked`` or ``expired`` at Unix time ``now``."""
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    @property
+    def is_active(self) -> bool:
+        """Seed-compatible property; the core uses :meth:`state_at` with its own clock."""
+        return self.state_at(time.time()) == "active"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "key_id": self.key_id,
+            "tenant_id": self.tenant_id,
+            "name": self.name,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "last_used_at": self.last_used_at,
+            "rotated_to": self.rotated_to,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    """One request as Envoy described it, already out of its wire format.
+
+    ``headers`` has lowercase names; a header sent twice arrives joined with ``,``
+    (that is how Envoy builds its map), or as a tuple of values from transports that
+    keep them apart.
+    """
+
+    method: str
+    path: str
+    headers: Mapping[str, str | tuple[str, ...]]
+    host: str = ""
+    source_address: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant_id: str
+    tenant_tier: TenantTier
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The core's answer. Transports turn it into a CheckResponse or an HTTP reply."""
+
+    allowed: bool
+    status: int
+    reason: str
+    message: str = ""
+    principal: Principal | None = None
+    # Headers set (overwriting any client copy) on the request sent upstream.
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    # Request headers removed before the upstream sees them (the key carrier).
+    remove_headers: tuple[str, ...] = ()
+    # Headers on the response to the client (deny body headers, later RateLimit).
+    client_headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""

@@ -1,0 +1,163 @@
+"""Long-running commands: `serve`, `up`, `demo`, and `envoy-config` which renders for them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from extauthz.app import Runtime, Sidecar, wait_for_signal
+from extauthz.demo import EchoBackend
+from extauthz.envoyconf import parse_hostport, render, to_yaml
+from extauthz.errors import ConfigError
+from extauthz.launcher import EnvoyProcess
+from extauthz.settings import Settings
+
+log = logging.getLogger("extauthz")
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    runtime = Runtime.open(settings)
+    sidecar = Sidecar(runtime)
+    try:
+        port = sidecar.start(args.grpc_addr)
+        if args.json:
+            print(json.dumps({"grpc_port": port}), flush=True)
+        cause = wait_for_signal()
+        log.info("received %s", cause)
+        sidecar.stop()
+    finally:
+        runtime.close()
+    return 0
+
+
+def _up(args: argparse.Namespace, runtime: Runtime, upstream: tuple[str, int],
+        ready: dict[str, Any]) -> int:
+    sidecar = Sidecar(runtime)
+    grpc_port = sidecar.start(args.grpc_addr or "127.0.0.1:0")
+    listen = parse_hostport(args.listen, "--listen")
+    config = render(
+        listen=listen,
+        upstream=upstream,
+        authz=[("127.0.0.1", grpc_port)],
+        admin=parse_hostport(args.admin, "--admin"),
+        timeout=args.authz_timeout,
+    )
+    with tempfile.TemporaryDirectory(prefix="extauthz-up-") as workdir:
+        envoy = EnvoyProcess(config, Path(workdir), args.envoy_concurrency)
+        try:
+            try:
+                envoy.start()
+            except ConfigError:
+                raise
+            except Exception as exc:
+                hint = " (is the port in use? choose another with --listen)"
+                raise ConfigError(f"Envoy did not start{hint}: {exc}") from None
+            port = envoy.listener_port()
+            url = f"http://{'[' + listen[0] + ']' if ':' in listen[0] else listen[0]}:{port}"
+            ready.update(url=url, envoy_admin=envoy.admin_url, grpc_port=grpc_port,
+                         upstream=f"http://{upstream[0]}:{upstream[1]}")
+            if args.json:
+                print(json.dumps(ready), flush=True)
+            else:
+                _print_ready(ready)
+            cause = wait_for_signal(envoy.alive)
+            if cause == "exited":
+                log.error("Envoy exited unexpectedly:\n%s", envoy.log_tail())
+                return 1
+            print("\nstopping Envoy and extauthz ...", file=sys.stderr)
+        finally:
+            envoy.stop()
+            sidecar.stop()
+    return 0
+
+
+def _print_ready(ready: dict[str, Any]) -> None:
+    print(f"extauthz is protecting {ready['upstream']}")
+    print(f"  send traffic to:  {ready['url']}")
+    print(f"  Envoy admin:      {ready['envoy_admin']}")
+    print(f"  ext_authz gRPC:   127.0.0.1:{ready['grpc_port']}")
+    if "key" in ready:
+        print("\nTry it (the demo key was created just now and is shown only here):")
+        print(f"  curl -i {ready['url']}/hello                                   # 401, no key")
+        print(f"  curl -i -H 'x-api-key: {ready['key']}' {ready['url']}/hello    # 200")
+    print("\nPress Ctrl-C to stop.", flush=True)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    upstream = parse_hostport(args.upstream, "--upstream")
+    runtime = Runtime.open(settings)
+    try:
+        return _up(args, runtime, upstream, {})
+    finally:
+        runtime.close()
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    runtime = Runtime.open(settings)
+    backend = EchoBackend().start()
+    try:
+        tenant = runtime.store.find_tenant("demo") or runtime.tenants.create_tenant(
+            "demo", "free", "demo")
+        key_id, full_key = runtime.keys.create_key(tenant.id, "demo")
+        ready = {"tenant_id": tenant.id, "key_id": key_id, "key": full_key}
+        return _up(args, runtime, ("127.0.0.1", backend.port), ready)
+    finally:
+        backend.stop()
+        runtime.close()
+
+
+def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
+    authz = [parse_hostport(a, "--authz") for a in (args.authz or [settings.grpc_addr])]
+    text = to_yaml(render(
+        listen=parse_hostport(args.listen, "--listen"),
+        upstream=parse_hostport(args.upstream, "--upstream"),
+        authz=authz,
+        admin=parse_hostport(args.admin, "--admin"),
+        timeout=args.authz_timeout,
+    ))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _envoy_options(cmd: Any, listen_default: str) -> None:
+    cmd.add_argument("--listen", default=listen_default, metavar="HOST:PORT",
+                     help=f"where Envoy accepts traffic (default {listen_default}; port 0 = any)")
+    cmd.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
+                     help="Envoy admin interface (default: a free loopback port)")
+    cmd.add_argument("--authz-timeout", type=float, default=0.5, metavar="SECONDS",
+                     help="Envoy's ext_authz timeout; on timeout the request gets 503")
+
+
+def add_commands(sub: Any, add: Any) -> None:
+    c = add(sub, "serve", cmd_serve, "run the ext_authz gRPC server")
+    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="listen address (EXTAUTHZ_GRPC_ADDR)")
+
+    c = add(sub, "up", cmd_up, "run Envoy + extauthz in front of an HTTP upstream")
+    c.add_argument("--upstream", required=True, metavar="URL",
+                   help="the backend to protect, e.g. http://127.0.0.1:8000")
+    _envoy_options(c, "127.0.0.1:8080")
+    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="sidecar address (default: free port)")
+    c.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
+
+    c = add(sub, "demo", cmd_demo, "run a demo backend behind Envoy + extauthz, with a demo key")
+    _envoy_options(c, "127.0.0.1:8080")
+    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="sidecar address (default: free port)")
+    c.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
+
+    c = add(sub, "envoy-config", cmd_envoy_config, "print an Envoy config for extauthz",
+            json_flag=False)
+    c.add_argument("--upstream", default="127.0.0.1:8000", metavar="HOST:PORT")
+    c.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")  # noqa: S104
+    c.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT")
+    c.add_argument("--authz", action="append", metavar="HOST:PORT",
+                   help="an extauthz endpoint; repeat for several (default EXTAUTHZ_GRPC_ADDR)")
+    c.add_argument("--authz-timeout", type=float, default=0.5, metavar="SECONDS")
+    c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")

@@ -1,0 +1,169 @@
+"""Process settings: where to listen, which store, which headers. The only reader of os.environ.
+
+Precedence: built-in default < settings file (``EXTAUTHZ_CONFIG`` or ``--config``) <
+environment variable ``EXTAUTHZ_<NAME>``. Unknown names in the file are errors.
+Business rules (tiers, limits) are policy, not settings, and live elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extauthz.errors import ConfigError
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(text: str | float, what: str = "duration") -> float:
+    """``1.5``, ``250ms``, ``30s``, ``15m``, ``12h``, ``30d``, ``2w`` -> seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = _DURATION.fullmatch(str(text).strip())
+        if match is None:
+            raise ConfigError(f"{what}: {text!r} is not a duration such as 30s, 15m, 12h or 30d")
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value < 0:
+        raise ConfigError(f"{what}: must not be negative")
+    return value
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "extauthz"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=_default_data_dir)
+    database_url: str = ""  # default: sqlite file in data_dir
+    pepper_file: Path | None = None  # default: data_dir/pepper
+    pepper: str = field(default="", repr=False)
+    grpc_addr: str = "127.0.0.1:9001"
+    grpc_workers: int = 4
+    key_headers: tuple[str, ...] = ("x-api-key", "authorization")
+    key_prefix: str = "nk"
+    query_key_params: tuple[str, ...] = ("api_key", "apikey")
+    key_cache_ttl: float = 30.0
+    key_cache_negative_ttl: float = 5.0
+    key_cache_size: int = 100_000
+    revocation_poll: float = 0.25
+    last_used_flush: float = 5.0
+    shutdown_grace: float = 5.0
+    log_level: str = "info"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'extauthz.db'}"
+
+    @property
+    def pepper_path(self) -> Path:
+        return self.pepper_file or self.data_dir / "pepper"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _names(text: str | list[str], what: str) -> tuple[str, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(str(i).strip().lower() for i in items if str(i).strip())
+    for name in names:
+        if not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ConfigError(f"{what}: {name!r} is not a valid header or parameter name")
+    return names
+
+
+def _positive_int(value: object, what: str) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not an integer") from None
+    if number < 1:
+        raise ConfigError(f"{what}: must be at least 1")
+    return number
+
+
+def _level(value: object, what: str) -> str:
+    level = str(value).lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"{what}: use debug, info, warning or error")
+    return level
+
+
+def _header_names(value: Any, what: str) -> tuple[str, ...]:
+    names = _names(value, what)
+    if not names:
+        raise ConfigError(f"{what}: name at least one header")
+    return names
+
+
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "data_dir": lambda v, w: Path(str(v)).expanduser(),
+    "database_url": lambda v, w: str(v),
+    "pepper_file": lambda v, w: Path(str(v)).expanduser(),
+    "pepper": lambda v, w: str(v),
+    "grpc_addr": lambda v, w: str(v),
+    "grpc_workers": _positive_int,
+    "key_headers": _header_names,
+    "key_prefix": lambda v, w: str(v),
+    "query_key_params": _names,
+    "key_cache_ttl": parse_duration,
+    "key_cache_negative_ttl": parse_duration,
+    "key_cache_size": _positive_int,
+    "revocation_poll": parse_duration,
+    "last_used_flush": parse_duration,
+    "shutdown_grace": parse_duration,
+    "log_level": _level,
+}
+# The pepper is a secret: accepted from the environment only, never from a settings file.
+_ENV_ONLY = {"pepper"}
+
+
+def load_settings(
+    config_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or env.get("EXTAUTHZ_CONFIG")
+    if path:
+        values.update(_read_file(Path(path)))
+    for name, parse in _PARSERS.items():
+        raw = env.get("EXTAUTHZ_" + name.upper())
+        if raw is not None and raw != "":
+            values[name] = parse(raw, "EXTAUTHZ_" + name.upper())
+    return Settings(**values)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting names to values")
+    lines = {str(k): i + 1 for i, line in enumerate(text.splitlines()) for k in data
+             if line.startswith(f"{k}:")}
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        where = f"{path}:{lines.get(str(name), 1)}"
+        if name in _ENV_ONLY:
+            raise ConfigError(f"{where}: {name} may only come from EXTAUTHZ_{name.upper()}")
+        parse = _PARSERS.get(str(name))
+        if parse is None:
+            known = ", ".join(sorted(set(_PARSERS) - _ENV_ONLY))
+            raise ConfigError(f"{where}: unknown setting {name!r} (known: {known})")
+        values[str(name)] = parse(raw, f"{where}: {name}")
+    return values

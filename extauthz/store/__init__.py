@@ -1,0 +1,29 @@
+"""Stores picked by URL scheme: ``sqlite:///path/to/db`` or ``memory://``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from extauthz.errors import ConfigError
+from extauthz.store.base import Store
+
+__all__ = ["Store", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"database URL {url!r} has no scheme: use sqlite:///PATH or memory://")
+    if scheme == "sqlite":
+        from extauthz.store.sqlite import SQLiteStore
+
+        # sqlite:///relative.db and sqlite:////abs/path.db, as SQLAlchemy spells them.
+        path = rest[1:] if rest.startswith("/") else rest
+        if not path:
+            raise ConfigError(f"database URL {url!r} names no file")
+        return SQLiteStore(Path(path), url=url)
+    if scheme == "memory":
+        from extauthz.store.memory import MemoryStore
+
+        return MemoryStore()
+    raise ConfigError(f"database URL scheme {scheme!r} is not supported: use sqlite:// or memory://")

@@ -1,0 +1,85 @@
+"""The store interface: tenants and API keys. SQLite implements it today, PostgreSQL later.
+
+Every method raises only our own errors (StoreError, ConflictError, Unknown*Error);
+driver exceptions never cross this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
+
+
+class Store(abc.ABC):
+    url: str
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The schema version now in the database."""
+
+    @abc.abstractmethod
+    def revision(self) -> int:
+        """A counter bumped by every change to tenants or keys, polled to drop caches."""
+
+    # tenants
+    @abc.abstractmethod
+    def create_tenant(self, tenant: Tenant) -> None:
+        """Insert; ConflictError if the id or name is taken."""
+
+    @abc.abstractmethod
+    def get_tenant(self, tenant_id: str) -> Tenant | None: ...
+
+    @abc.abstractmethod
+    def find_tenant(self, id_or_name: str) -> Tenant | None:
+        """By id first, then by exact name."""
+
+    @abc.abstractmethod
+    def list_tenants(self) -> list[Tenant]: ...
+
+    @abc.abstractmethod
+    def update_tenant(
+        self,
+        tenant_id: str,
+        now: float,
+        *,
+        status: TenantStatus | None = None,
+        tier: TenantTier | None = None,
+    ) -> Tenant:
+        """Change status and/or tier; UnknownTenantError if absent."""
+
+    @abc.abstractmethod
+    def delete_tenant(self, tenant_id: str) -> None:
+        """Delete the tenant and all its keys; UnknownTenantError if absent."""
+
+    # keys
+    @abc.abstractmethod
+    def insert_key(self, key: APIKey) -> None:
+        """Insert; UnknownTenantError if its tenant does not exist."""
+
+    @abc.abstractmethod
+    def get_key(self, key_id: str) -> APIKey | None: ...
+
+    @abc.abstractmethod
+    def lookup(self, key_hash: bytes) -> tuple[APIKey, Tenant] | None:
+        """The hot-path read: the key with this hash and its tenant, in one query."""
+
+    @abc.abstractmethod
+    def list_keys(self, tenant_id: str | None = None) -> list[APIKey]: ...
+
+    @abc.abstractmethod
+    def revoke_key(self, key_id: str, now: float) -> APIKey:
+        """Mark revoked at ``now``; UnknownKeyError if absent, ConflictError if revoked."""
+
+    @abc.abstractmethod
+    def rotate_key(self, old_key_id: str, new_key: APIKey, old_expires_at: float) -> APIKey:
+        """In one transaction: insert ``new_key`` and end the old key at ``old_expires_at``
+        (or earlier, if it already expires sooner). Returns the old key as updated."""
+
+    @abc.abstractmethod
+    def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        """Write last-used times in one batch (no revision bump: caches stay valid)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

@@ -1,0 +1,313 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+One connection guarded by a lock: SQLite serialises writers anyway, and WAL lets the
+CLI in another process write while the server reads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from extauthz.errors import ConflictError, StoreError, UnknownKeyError, UnknownTenantError
+from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
+from extauthz.store.base import Store
+
+# Each entry migrates from version i to i+1. Never edit a released entry; append.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('revision', 0);
+    CREATE TABLE tenants (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        tier TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        key_hash BLOB NOT NULL UNIQUE,
+        pepper_version INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL,
+        last_used_at REAL,
+        rotated_to TEXT
+    );
+    CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
+    """,
+)
+
+_KEY_COLS = (
+    "k.key_id, k.tenant_id, k.name, k.key_hash, k.pepper_version, k.created_at, "
+    "k.expires_at, k.revoked_at, k.last_used_at, k.rotated_to"
+)
+_TENANT_COLS = "t.id, t.name, t.tier, t.status, t.created_at, t.updated_at"
+
+
+def _tenant(row: tuple[object, ...]) -> Tenant:
+    id_, name, tier, status, created, updated = row
+    return Tenant(
+        id=str(id_),
+        name=str(name),
+        tier=TenantTier(tier),
+        status=TenantStatus(status),
+        created_at=float(created),  # type: ignore[arg-type]
+        updated_at=float(updated),  # type: ignore[arg-type]
+    )
+
+
+def _key(row: tuple[object, ...]) -> APIKey:
+    key_id, tenant_id, name, key_hash, pepper_v, created, expires, revoked, used, rotated = row
+    return APIKey(
+        key_id=str(key_id),
+        tenant_id=str(tenant_id),
+        name=str(name),
+        key_hash=bytes(key_hash),  # type: ignore[arg-type]
+        pepper_version=int(pepper_v),  # type: ignore[call-overload]
+        created_at=float(created),  # type: ignore[arg-type]
+        expires_at=None if expires is None else float(expires),  # type: ignore[arg-type]
+        revoked_at=None if revoked is None else float(revoked),  # type: ignore[arg-type]
+        last_used_at=None if used is None else float(used),  # type: ignore[arg-type]
+        rotated_to=None if rotated is None else str(rotated),
+    )
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path, url: str = "", busy_timeout_ms: int = 2000) -> None:
+        self.url = url or f"sqlite:///{path}"
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open SQLite database {path}: {exc}") from exc
+        self._migrate()
+
+    @contextmanager
+    def _tx(self, write: bool = False) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._db.cursor()
+            try:
+                if write:
+                    cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                if write:
+                    cur.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                self._rollback(write)
+                raise ConflictError(f"conflicts with existing data: {exc}") from exc
+            except sqlite3.Error as exc:
+                self._rollback(write)
+                raise StoreError(f"SQLite error: {exc}") from exc
+            except BaseException:
+                self._rollback(write)
+                raise
+            finally:
+                cur.close()
+
+    def _rollback(self, write: bool) -> None:
+        if write and self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _migrate(self) -> None:
+        with self._tx(write=True) as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cur.execute("SELECT version FROM schema_version").fetchone()
+            current = 0 if row is None else int(row[0])
+            if current > len(MIGRATIONS):
+                raise StoreError(
+                    f"database schema version {current} is newer than this extauthz "
+                    f"({len(MIGRATIONS)}): upgrade extauthz"
+                )
+            for script in MIGRATIONS[current:]:
+                for statement in filter(str.strip, script.split(";")):
+                    cur.execute(statement)
+            if row is None:
+                cur.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+            else:
+                cur.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+
+    @staticmethod
+    def _bump(cur: sqlite3.Cursor) -> None:
+        cur.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+
+    def schema_version(self) -> int:
+        with self._tx() as cur:
+            return int(cur.execute("SELECT version FROM schema_version").fetchone()[0])
+
+    def revision(self) -> int:
+        with self._tx() as cur:
+            return int(cur.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+
+    def create_tenant(self, tenant: Tenant) -> None:
+        with self._tx(write=True) as cur:
+            if cur.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant.name,)).fetchone():
+                raise ConflictError(f"a tenant named {tenant.name!r} already exists")
+            cur.execute(
+                "INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant.id, tenant.name, tenant.tier.value, tenant.status.value,
+                 tenant.created_at, tenant.updated_at),
+            )
+            self._bump(cur)
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        with self._tx() as cur:
+            row = cur.execute(
+                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?", (tenant_id,)  # noqa: S608
+            ).fetchone()
+        return None if row is None else _tenant(row)
+
+    def find_tenant(self, id_or_name: str) -> Tenant | None:
+        with self._tx() as cur:
+            row = cur.execute(
+                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ? OR t.name = ? "  # noqa: S608
+                "ORDER BY t.id = ? DESC LIMIT 1",
+                (id_or_name, id_or_name, id_or_name),
+            ).fetchone()
+        return None if row is None else _tenant(row)
+
+    def list_tenants(self) -> list[Tenant]:
+        with self._tx() as cur:
+            rows = cur.execute(
+                f"SELECT {_TENANT_COLS} FROM tenants t ORDER BY t.created_at, t.id"  # noqa: S608
+            ).fetchall()
+        return [_tenant(r) for r in rows]
+
+    def update_tenant(
+        self,
+        tenant_id: str,
+        now: float,
+        *,
+        status: TenantStatus | None = None,
+        tier: TenantTier | None = None,
+    ) -> Tenant:
+        with self._tx(write=True) as cur:
+            cur.execute(
+                "UPDATE tenants SET status = COALESCE(?, status), tier = COALESCE(?, tier), "
+                "updated_at = ? WHERE id = ?",
+                (status and status.value, tier and tier.value, now, tenant_id),
+            )
+            if cur.rowcount == 0:
+                raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
+            self._bump(cur)
+            row = cur.execute(
+                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?", (tenant_id,)  # noqa: S608
+            ).fetchone()
+        return _tenant(row)
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        with self._tx(write=True) as cur:
+            cur.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
+            if cur.rowcount == 0:
+                raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
+            self._bump(cur)
+
+    def insert_key(self, key: APIKey) -> None:
+        with self._tx(write=True) as cur:
+            self._insert_key(cur, key)
+            self._bump(cur)
+
+    @staticmethod
+    def _insert_key(cur: sqlite3.Cursor, key: APIKey) -> None:
+        if not cur.execute("SELECT 1 FROM tenants WHERE id = ?", (key.tenant_id,)).fetchone():
+            raise UnknownTenantError(f"no tenant with id {key.tenant_id!r}")
+        cur.execute(
+            "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key.key_id, key.tenant_id, key.name, key.key_hash, key.pepper_version,
+             key.created_at, key.expires_at, key.revoked_at, key.last_used_at, key.rotated_to),
+        )
+
+    def get_key(self, key_id: str) -> APIKey | None:
+        with self._tx() as cur:
+            row = cur.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?", (key_id,)  # noqa: S608
+            ).fetchone()
+        return None if row is None else _key(row)
+
+    def lookup(self, key_hash: bytes) -> tuple[APIKey, Tenant] | None:
+        with self._tx() as cur:
+            row = cur.execute(
+                f"SELECT {_KEY_COLS}, {_TENANT_COLS} FROM api_keys k "  # noqa: S608
+                "JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = ?",
+                (key_hash,),
+            ).fetchone()
+        return None if row is None else (_key(row[:10]), _tenant(row[10:]))
+
+    def list_keys(self, tenant_id: str | None = None) -> list[APIKey]:
+        query = f"SELECT {_KEY_COLS} FROM api_keys k"  # noqa: S608
+        with self._tx() as cur:
+            if tenant_id is None:
+                rows = cur.execute(query + " ORDER BY k.created_at, k.key_id").fetchall()
+            else:
+                rows = cur.execute(
+                    query + " WHERE k.tenant_id = ? ORDER BY k.created_at, k.key_id", (tenant_id,)
+                ).fetchall()
+        return [_key(r) for r in rows]
+
+    def revoke_key(self, key_id: str, now: float) -> APIKey:
+        with self._tx(write=True) as cur:
+            row = cur.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?", (key_id,)  # noqa: S608
+            ).fetchone()
+            if row is None:
+                raise UnknownKeyError(f"no API key with id {key_id!r}")
+            if row[7] is not None:
+                raise ConflictError(f"API key {key_id} is already revoked")
+            cur.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (now, key_id))
+            self._bump(cur)
+        key = _key(row)
+        key.revoked_at = now
+        return key
+
+    def rotate_key(self, old_key_id: str, new_key: APIKey, old_expires_at: float) -> APIKey:
+        with self._tx(write=True) as cur:
+            row = cur.execute(
+                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",  # noqa: S608
+                (old_key_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownKeyError(f"no API key with id {old_key_id!r}")
+            old = _key(row)
+            if old.revoked_at is not None:
+                raise ConflictError(f"API key {old_key_id} is revoked and cannot be rotated")
+            if old.rotated_to is not None:
+                raise ConflictError(
+                    f"API key {old_key_id} was already rotated to {old.rotated_to}"
+                )
+            self._insert_key(cur, new_key)
+            if old.expires_at is None or old.expires_at > old_expires_at:
+                old.expires_at = old_expires_at
+            old.rotated_to = new_key.key_id
+            cur.execute(
+                "UPDATE api_keys SET expires_at = ?, rotated_to = ? WHERE key_id = ?",
+                (old.expires_at, old.rotated_to, old_key_id),
+            )
+            self._bump(cur)
+        return old
+
+    def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        if not last_used:
+            return
+        with self._tx(write=True) as cur:
+            cur.executemany(
+                "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) "
+                "WHERE key_id = ?",
+                [(when, key_id) for key_id, when in last_used.items()],
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

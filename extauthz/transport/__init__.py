@@ -1,0 +1,1 @@
+"""Transport adapters: the only modules that import gRPC or protobuf."""

@@ -1,0 +1,154 @@
+"""Envoy ext_authz v3 over gRPC: CheckRequest -> CheckInput -> Authorizer -> CheckResponse.
+
+The handler takes raw bytes and parses them itself, so a request that is not a valid
+CheckRequest gets INVALID_ARGUMENT from us instead of grpcio's generic INTERNAL, and any
+unexpected error becomes an explicit deny (never UNKNOWN, which some Envoy settings let
+through).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+
+from extauthz.authorizer import Authorizer
+from extauthz.model import CheckInput, Decision
+
+log = logging.getLogger("extauthz.grpc")
+
+SERVICE = "envoy.service.auth.v3.Authorization"
+_RPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED,
+             503: code_pb2.UNAVAILABLE, 400: code_pb2.INVALID_ARGUMENT}
+
+
+def _header(name: str, value: str) -> Any:
+    # `append` is left unset on purpose: ext_authz then overwrites a client-sent copy.
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value))
+
+
+def encode(decision: Decision) -> bytes:
+    if decision.allowed:
+        response = authz_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=authz_pb2.OkHttpResponse(
+                headers=[_header(k, v) for k, v in decision.upstream_headers],
+                headers_to_remove=list(decision.remove_headers),
+            ),
+        )
+    else:
+        response = authz_pb2.CheckResponse(
+            status=status_pb2.Status(
+                code=_RPC_CODE.get(decision.status, code_pb2.PERMISSION_DENIED),
+                message=decision.reason,
+            ),
+            denied_response=authz_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
+                headers=[_header(k, v) for k, v in decision.client_headers],
+                body=decision.body.decode(),
+            ),
+        )
+    data: bytes = response.SerializeToString()
+    return data
+
+
+def to_input(request: Any) -> CheckInput | None:
+    """The plain request, or None when Envoy's attributes are missing."""
+    attrs = request.attributes
+    if not attrs.HasField("request") or not attrs.request.HasField("http"):
+        return None
+    http = attrs.request.http
+    if not http.method or not http.path:
+        return None
+    headers: Any = http.headers
+    if http.header_map.headers:
+        # encode_raw_headers: repeated headers arrive apart and values may be raw bytes.
+        joined: dict[str, tuple[str, ...]] = {}
+        for item in http.header_map.headers:
+            value = item.raw_value.decode("utf-8", "replace") if item.raw_value else item.value
+            joined[item.key.lower()] = (*joined.get(item.key.lower(), ()), value)
+        headers = joined
+    return CheckInput(
+        method=http.method,
+        path=http.path,
+        headers=headers,
+        host=http.host,
+        source_address=attrs.source.address.socket_address.address,
+        request_id=http.id,
+    )
+
+
+class GrpcAuthz:
+    """The Check handler, on raw bytes."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+        self._denied = {r: encode(d) for r, d in authorizer.denials.items()}
+
+    def check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            request = authz_pb2.CheckRequest.FromString(data)
+        except DecodeError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a valid CheckRequest")
+        try:
+            checked = to_input(request)
+            if checked is None:
+                return self._denied["invalid_request"]
+            decision = self.authorizer.check(checked)
+            if not decision.allowed and decision.reason in self._denied:
+                return self._denied[decision.reason]
+            return encode(decision)
+        except Exception:
+            # Fail closed with an explicit answer; the traceback stays in our log.
+            log.exception("check failed")
+            return self._denied["internal_error"]
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        identity: Callable[[bytes], bytes] = bytes
+        method = grpc.unary_unary_rpc_method_handler(
+            self.check, request_deserializer=identity, response_serializer=identity
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"Check": method})
+
+
+class GrpcServer:
+    """A grpcio sync server with a small thread pool and no SO_REUSEPORT."""
+
+    def __init__(self, handlers: list[grpc.GenericRpcHandler], workers: int = 4) -> None:
+        self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="extauthz-grpc")
+        self._server = grpc.server(
+            self._pool,
+            handlers=handlers,
+            options=[
+                # Without this a stale server on the same port silently shares the traffic.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ],
+            maximum_concurrent_rpcs=workers * 64,
+        )
+
+    def bind(self, address: str) -> int:
+        """Listen on ``host:port`` (port 0 picks a free one); returns the bound port."""
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: address in use or invalid")
+        return port
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, answer what is in flight (up to ``grace`` seconds), then close."""
+        self._server.stop(grace).wait()
+        self._pool.shutdown(wait=True)
