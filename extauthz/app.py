@@ -145,8 +145,10 @@ class Sidecar:
         return self.grpc_port
 
     def stop(self) -> None:
-        log.info("stopping: answering in-flight checks (up to %.1fs)",
-                 self.runtime.settings.shutdown_grace)
+        log.info(
+            "stopping: answering in-flight checks (up to %.1fs)",
+            self.runtime.settings.shutdown_grace,
+        )
         self.grpc.stop(self.runtime.settings.shutdown_grace)
         self.upkeep.stop()
         log.info("stopped")

@@ -101,7 +101,8 @@ class Authorizer:
         if result.reason is not None:
             return self.denials[result.reason]
         key, tenant = result.key, result.tenant
-        assert key is not None and tenant is not None  # noqa: S101 (resolve's contract)
+        if key is None or tenant is None:  # resolve() always sets both on success
+            return self.denials["internal_error"]
         principal = Principal(tenant.id, tenant.tier, key.key_id)
         return Decision(
             allowed=True,

@@ -52,8 +52,12 @@ def _key_state(k: APIKey, now: float) -> str:
 
 
 def _key_json(k: APIKey, now: float) -> dict[str, object]:
-    data: dict[str, object] = {"key_id": k.key_id, "tenant_id": k.tenant_id, "name": k.name,
-                               "state": k.state_at(now)}
+    data: dict[str, object] = {
+        "key_id": k.key_id,
+        "tenant_id": k.tenant_id,
+        "name": k.name,
+        "state": k.state_at(now),
+    }
     for field in ("created_at", "expires_at", "revoked_at", "last_used_at"):
         data[field] = None if getattr(k, field) is None else _when(getattr(k, field))
     data["rotated_to"] = k.rotated_to
@@ -119,8 +123,10 @@ def cmd_tenants_list(args: argparse.Namespace, rt: Runtime) -> int:
     elif not tenants:
         print("no tenants yet: create one with `extauthz tenants create NAME --tier free`")
     else:
-        _table([[t.id, t.name, t.tier.value, t.status.value, _when(t.created_at)] for t in tenants],
-               ["ID", "NAME", "TIER", "STATUS", "CREATED"])
+        _table(
+            [[t.id, t.name, t.tier.value, t.status.value, _when(t.created_at)] for t in tenants],
+            ["ID", "NAME", "TIER", "STATUS", "CREATED"],
+        )
     return 0
 
 
@@ -153,15 +159,25 @@ def _tenant_change(action: str) -> Handler:
 # ---------------------------------------------------------------- keys
 
 
-def _print_new_key(args: argparse.Namespace, rt: Runtime, key_id: str, full_key: str,
-                   verb: str) -> None:
+def _print_new_key(
+    args: argparse.Namespace, rt: Runtime, key_id: str, full_key: str, verb: str
+) -> None:
     key = rt.keys.get_key(key_id)
     if args.json:
-        _print_json({"key_id": key_id, "key": full_key, "tenant_id": key.tenant_id,
-                     "name": key.name, "expires_at": key.expires_at and _when(key.expires_at)})
+        _print_json(
+            {
+                "key_id": key_id,
+                "key": full_key,
+                "tenant_id": key.tenant_id,
+                "name": key.name,
+                "expires_at": key.expires_at and _when(key.expires_at),
+            }
+        )
         return
-    print(f"{verb} API key {key_id} for tenant {key.tenant_id}"
-          + (f", expires {_when(key.expires_at)}" if key.expires_at else ""))
+    print(
+        f"{verb} API key {key_id} for tenant {key.tenant_id}"
+        + (f", expires {_when(key.expires_at)}" if key.expires_at else "")
+    )
     print(f"key: {full_key}")
     print("This is the only time the key is shown: store it now.", file=sys.stderr)
 
@@ -186,9 +202,20 @@ def cmd_keys_list(args: argparse.Namespace, rt: Runtime) -> int:
     elif not keys:
         print("no API keys" + (f" for {args.tenant}" if args.tenant else ""))
     else:
-        _table([[k.key_id, k.tenant_id, k.name, _key_state(k, now), _when(k.created_at),
-                 _when(k.last_used_at)] for k in keys],
-               ["KEY ID", "TENANT", "NAME", "STATE", "CREATED", "LAST USED"])
+        _table(
+            [
+                [
+                    k.key_id,
+                    k.tenant_id,
+                    k.name,
+                    _key_state(k, now),
+                    _when(k.created_at),
+                    _when(k.last_used_at),
+                ]
+                for k in keys
+            ],
+            ["KEY ID", "TENANT", "NAME", "STATE", "CREATED", "LAST USED"],
+        )
     return 0
 
 
@@ -209,8 +236,10 @@ def cmd_keys_revoke(args: argparse.Namespace, rt: Runtime) -> int:
     if args.json:
         _print_json(_key_json(key, rt.clock.now()))
     else:
-        print(f"revoked API key {key.key_id} (tenant {key.tenant_id}); "
-              "running servers refuse it within a second")
+        print(
+            f"revoked API key {key.key_id} (tenant {key.tenant_id}); "
+            "running servers refuse it within a second"
+        )
     return 0
 
 
@@ -236,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
     parser.add_argument("--config", metavar="FILE", help="settings file (or EXTAUTHZ_CONFIG)")
     parser.add_argument("--data-dir", metavar="DIR", help="data directory (or EXTAUTHZ_DATA_DIR)")
-    parser.add_argument("--database-url", metavar="URL",
-                        help="sqlite:///PATH or memory:// (or EXTAUTHZ_DATABASE_URL)")
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="sqlite:///PATH or memory:// (or EXTAUTHZ_DATABASE_URL)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -252,15 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_commands(sub, add)
 
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+        dest="action", required=True, metavar="ACTION"
+    )
     c = add(tenants, "create", cmd_tenants_create, "create a tenant")
     c.add_argument("name")
     c.add_argument("--tier", default="free", help="free, starter, professional or enterprise")
     c.add_argument("--id", help="choose the tenant id (default: generated)")
     add(tenants, "list", cmd_tenants_list, "list tenants")
-    for name, help_ in (("show", "show a tenant"), ("suspend", "suspend: its keys get 403"),
-                        ("resume", "resume a suspended tenant"),
-                        ("delete", "delete a tenant and all its keys")):
+    for name, help_ in (
+        ("show", "show a tenant"),
+        ("suspend", "suspend: its keys get 403"),
+        ("resume", "resume a suspended tenant"),
+        ("delete", "delete a tenant and all its keys"),
+    ):
         fn = cmd_tenants_show if name == "show" else _tenant_change(name)
         add(tenants, name, fn, help_).add_argument("tenant", help="tenant id or name")
     c = add(tenants, "set-tier", _tenant_change("set-tier"), "change a tenant's tier")
@@ -268,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("tier", help="free, starter, professional or enterprise")
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+        dest="action", required=True, metavar="ACTION"
+    )
     c = add(keys, "create", cmd_keys_create, "create an API key (shown once)")
     c.add_argument("tenant", help="tenant id or name")
     c.add_argument("--name", default="default", help="a label for the key")
@@ -290,12 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         overrides: dict[str, Any] = {}
         if args.data_dir:
-            overrides["data_dir"] = load_settings(environ={"EXTAUTHZ_DATA_DIR": args.data_dir}).data_dir
+            data_dir = load_settings(environ={"EXTAUTHZ_DATA_DIR": args.data_dir}).data_dir
+            overrides["data_dir"] = data_dir
         if args.database_url:
             overrides["database_url"] = args.database_url
         settings = settings.with_overrides(**overrides)
         logging.basicConfig(
-            level=settings.log_level.upper(), stream=sys.stderr,
+            level=settings.log_level.upper(),
+            stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         handler: Handler = args.fn
@@ -312,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the user gets one line, not a traceback
         if args.debug:
             raise
-        print(f"extauthz: unexpected error ({type(exc).__name__}): {exc}; "
-              "re-run with --debug for details", file=sys.stderr)
+        print(
+            f"extauthz: unexpected error ({type(exc).__name__}): {exc}; "
+            "re-run with --debug for details",
+            file=sys.stderr,
+        )
         return 1

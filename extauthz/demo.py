@@ -15,24 +15,27 @@ class _Echo(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
-        body = json.dumps(
-            {
-                "message": "hello from the demo backend",
-                "method": self.command,
-                "path": self.path,
-                "headers": {k.lower(): v for k, v in self.headers.items()},
-            },
-            indent=2,
-        ).encode() + b"\n"
+        body = (
+            json.dumps(
+                {
+                    "message": "hello from the demo backend",
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                },
+                indent=2,
+            ).encode()
+            + b"\n"
+        )
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _reply  # noqa: N815
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _reply
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # request lines can carry query strings; the demo keeps quiet
 
 

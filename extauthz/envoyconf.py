@@ -14,7 +14,10 @@ import yaml
 
 from extauthz.errors import ConfigError
 
-HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    "HttpConnectionManager"
+)
 EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -27,7 +30,7 @@ def parse_hostport(text: str, what: str, default_host: str = "127.0.0.1") -> tup
         if raw.startswith(scheme):
             if scheme == "https://":
                 raise ConfigError(f"{what}: https upstreams are not supported yet; use http://")
-            raw = raw[len(scheme):].rstrip("/")
+            raw = raw[len(scheme) :].rstrip("/")
     host, sep, port_text = raw.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: {text!r} is not HOST:PORT (for example 127.0.0.1:8000)")
@@ -53,9 +56,9 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], http2: bool) -> dict[s
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": _address(h, p)}} for h, p in endpoints
-            ]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(h, p)}} for h, p in endpoints]}
+            ],
         },
     }
     if http2:
@@ -99,14 +102,19 @@ def render(
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
         "route_config": {
             "name": "local",
-            "virtual_hosts": [{
-                "name": "upstream",
-                "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-            }],
+            "virtual_hosts": [
+                {
+                    "name": "upstream",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                }
+            ],
         },
         "http_filters": [
-            {"name": "envoy.filters.http.ext_authz", "typed_config": {"@type": EXT_AUTHZ, **ext_authz}},
+            {
+                "name": "envoy.filters.http.ext_authz",
+                "typed_config": {"@type": EXT_AUTHZ, **ext_authz},
+            },
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
         ],
     }
@@ -114,14 +122,22 @@ def render(
         # The admin interface can stop Envoy and dump its config: loopback only.
         "admin": {"address": _address(*admin)},
         "static_resources": {
-            "listeners": [{
-                "name": "ingress",
-                "address": _address(*listen),
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": _address(*listen),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
             "clusters": [
                 _cluster("upstream", [upstream], http2=False),
                 _cluster("extauthz", authz, http2=True),

@@ -35,7 +35,9 @@ class EnvoyError(ExtauthzError):
 
 
 class EnvoyProcess:
-    def __init__(self, config: dict[str, Any], workdir: Path, concurrency: int | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], workdir: Path, concurrency: int | None = None
+    ) -> None:
         self.config = config
         self.workdir = workdir
         self.concurrency = concurrency
@@ -50,11 +52,15 @@ class EnvoyProcess:
         admin_path = self.workdir / "admin-address"
         admin_path.unlink(missing_ok=True)
         cmd = [
-            find_envoy(), "-c", str(config_path),
-            "--admin-address-path", str(admin_path),
+            find_envoy(),
+            "-c",
+            str(config_path),
+            "--admin-address-path",
+            str(admin_path),
             # Several Envoys (tests, demo, a user's own) may run on one host.
             "--disable-hot-restart",
-            "--log-level", "warning",
+            "--log-level",
+            "warning",
         ]
         if self.concurrency:
             cmd += ["--concurrency", str(self.concurrency)]
@@ -66,7 +72,8 @@ class EnvoyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise EnvoyError(f"Envoy exited with code {self.proc.returncode}:\n{self.log_tail()}")
+                code = self.proc.returncode
+                raise EnvoyError(f"Envoy exited with code {code}:\n{self.log_tail()}")
             if admin_path.exists() and admin_path.read_text().strip():
                 self.admin_url = "http://" + admin_path.read_text().strip()
                 if self._ready():

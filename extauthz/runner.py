@@ -35,8 +35,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _up(args: argparse.Namespace, runtime: Runtime, upstream: tuple[str, int],
-        ready: dict[str, Any]) -> int:
+def _up(
+    args: argparse.Namespace, runtime: Runtime, upstream: tuple[str, int], ready: dict[str, Any]
+) -> int:
     sidecar = Sidecar(runtime)
     grpc_port = sidecar.start(args.grpc_addr or "127.0.0.1:0")
     listen = parse_hostport(args.listen, "--listen")
@@ -59,8 +60,12 @@ def _up(args: argparse.Namespace, runtime: Runtime, upstream: tuple[str, int],
                 raise ConfigError(f"Envoy did not start{hint}: {exc}") from None
             port = envoy.listener_port()
             url = f"http://{'[' + listen[0] + ']' if ':' in listen[0] else listen[0]}:{port}"
-            ready.update(url=url, envoy_admin=envoy.admin_url, grpc_port=grpc_port,
-                         upstream=f"http://{upstream[0]}:{upstream[1]}")
+            ready.update(
+                url=url,
+                envoy_admin=envoy.admin_url,
+                grpc_port=grpc_port,
+                upstream=f"http://{upstream[0]}:{upstream[1]}",
+            )
             if args.json:
                 print(json.dumps(ready), flush=True)
             else:
@@ -102,7 +107,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     backend = EchoBackend().start()
     try:
         tenant = runtime.store.find_tenant("demo") or runtime.tenants.create_tenant(
-            "demo", "free", "demo")
+            "demo", "free", "demo"
+        )
         key_id, full_key = runtime.keys.create_key(tenant.id, "demo")
         ready = {"tenant_id": tenant.id, "key_id": key_id, "key": full_key}
         return _up(args, runtime, ("127.0.0.1", backend.port), ready)
@@ -113,13 +119,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
     authz = [parse_hostport(a, "--authz") for a in (args.authz or [settings.grpc_addr])]
-    text = to_yaml(render(
-        listen=parse_hostport(args.listen, "--listen"),
-        upstream=parse_hostport(args.upstream, "--upstream"),
-        authz=authz,
-        admin=parse_hostport(args.admin, "--admin"),
-        timeout=args.authz_timeout,
-    ))
+    text = to_yaml(
+        render(
+            listen=parse_hostport(args.listen, "--listen"),
+            upstream=parse_hostport(args.upstream, "--upstream"),
+            authz=authz,
+            admin=parse_hostport(args.admin, "--admin"),
+            timeout=args.authz_timeout,
+        )
+    )
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
@@ -128,12 +136,25 @@ def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _envoy_options(cmd: Any, listen_default: str) -> None:
-    cmd.add_argument("--listen", default=listen_default, metavar="HOST:PORT",
-                     help=f"where Envoy accepts traffic (default {listen_default}; port 0 = any)")
-    cmd.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
-                     help="Envoy admin interface (default: a free loopback port)")
-    cmd.add_argument("--authz-timeout", type=float, default=0.5, metavar="SECONDS",
-                     help="Envoy's ext_authz timeout; on timeout the request gets 503")
+    cmd.add_argument(
+        "--listen",
+        default=listen_default,
+        metavar="HOST:PORT",
+        help=f"where Envoy accepts traffic (default {listen_default}; port 0 = any)",
+    )
+    cmd.add_argument(
+        "--admin",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="Envoy admin interface (default: a free loopback port)",
+    )
+    cmd.add_argument(
+        "--authz-timeout",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="Envoy's ext_authz timeout; on timeout the request gets 503",
+    )
 
 
 def add_commands(sub: Any, add: Any) -> None:
@@ -141,8 +162,12 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument("--grpc-addr", metavar="HOST:PORT", help="listen address (EXTAUTHZ_GRPC_ADDR)")
 
     c = add(sub, "up", cmd_up, "run Envoy + extauthz in front of an HTTP upstream")
-    c.add_argument("--upstream", required=True, metavar="URL",
-                   help="the backend to protect, e.g. http://127.0.0.1:8000")
+    c.add_argument(
+        "--upstream",
+        required=True,
+        metavar="URL",
+        help="the backend to protect, e.g. http://127.0.0.1:8000",
+    )
     _envoy_options(c, "127.0.0.1:8080")
     c.add_argument("--grpc-addr", metavar="HOST:PORT", help="sidecar address (default: free port)")
     c.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
@@ -152,12 +177,17 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument("--grpc-addr", metavar="HOST:PORT", help="sidecar address (default: free port)")
     c.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
 
-    c = add(sub, "envoy-config", cmd_envoy_config, "print an Envoy config for extauthz",
-            json_flag=False)
+    c = add(
+        sub, "envoy-config", cmd_envoy_config, "print an Envoy config for extauthz", json_flag=False
+    )
     c.add_argument("--upstream", default="127.0.0.1:8000", metavar="HOST:PORT")
-    c.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")  # noqa: S104
+    c.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
     c.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT")
-    c.add_argument("--authz", action="append", metavar="HOST:PORT",
-                   help="an extauthz endpoint; repeat for several (default EXTAUTHZ_GRPC_ADDR)")
+    c.add_argument(
+        "--authz",
+        action="append",
+        metavar="HOST:PORT",
+        help="an extauthz endpoint; repeat for several (default EXTAUTHZ_GRPC_ADDR)",
+    )
     c.add_argument("--authz-timeout", type=float, default=0.5, metavar="SECONDS")
     c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")

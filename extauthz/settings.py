@@ -154,8 +154,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of setting names to values")
-    lines = {str(k): i + 1 for i, line in enumerate(text.splitlines()) for k in data
-             if line.startswith(f"{k}:")}
+    lines = {
+        str(k): i + 1
+        for i, line in enumerate(text.splitlines())
+        for k in data
+        if line.startswith(f"{k}:")
+    }
     values: dict[str, Any] = {}
     for name, raw in data.items():
         where = f"{path}:{lines.get(str(name), 1)}"

@@ -26,4 +26,6 @@ def open_store(url: str) -> Store:
         from extauthz.store.memory import MemoryStore
 
         return MemoryStore()
-    raise ConfigError(f"database URL scheme {scheme!r} is not supported: use sqlite:// or memory://")
+    raise ConfigError(
+        f"database URL scheme {scheme!r} is not supported: use sqlite:// or memory://"
+    )

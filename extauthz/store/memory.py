@@ -108,7 +108,8 @@ class MemoryStore(Store):
     def list_keys(self, tenant_id: str | None = None) -> list[APIKey]:
         with self._lock:
             keys = [k for k in self._keys.values() if tenant_id in (None, k.tenant_id)]
-            return [dataclasses.replace(k) for k in sorted(keys, key=lambda k: (k.created_at, k.key_id))]
+            keys.sort(key=lambda k: (k.created_at, k.key_id))
+            return [dataclasses.replace(k) for k in keys]
 
     def revoke_key(self, key_id: str, now: float) -> APIKey:
         with self._lock:
@@ -129,9 +130,7 @@ class MemoryStore(Store):
             if old.revoked_at is not None:
                 raise ConflictError(f"API key {old_key_id} is revoked and cannot be rotated")
             if old.rotated_to is not None:
-                raise ConflictError(
-                    f"API key {old_key_id} was already rotated to {old.rotated_to}"
-                )
+                raise ConflictError(f"API key {old_key_id} was already rotated to {old.rotated_to}")
             self._insert(new_key)
             if old.expires_at is None or old.expires_at > old_expires_at:
                 old.expires_at = old_expires_at

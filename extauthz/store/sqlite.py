@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from extauthz.errors import ConflictError, StoreError, UnknownKeyError, UnknownTenantError
 from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
@@ -52,30 +53,30 @@ _KEY_COLS = (
 _TENANT_COLS = "t.id, t.name, t.tier, t.status, t.created_at, t.updated_at"
 
 
-def _tenant(row: tuple[object, ...]) -> Tenant:
+def _tenant(row: Any) -> Tenant:
     id_, name, tier, status, created, updated = row
     return Tenant(
         id=str(id_),
         name=str(name),
         tier=TenantTier(tier),
         status=TenantStatus(status),
-        created_at=float(created),  # type: ignore[arg-type]
-        updated_at=float(updated),  # type: ignore[arg-type]
+        created_at=float(created),
+        updated_at=float(updated),
     )
 
 
-def _key(row: tuple[object, ...]) -> APIKey:
+def _key(row: Any) -> APIKey:
     key_id, tenant_id, name, key_hash, pepper_v, created, expires, revoked, used, rotated = row
     return APIKey(
         key_id=str(key_id),
         tenant_id=str(tenant_id),
         name=str(name),
-        key_hash=bytes(key_hash),  # type: ignore[arg-type]
-        pepper_version=int(pepper_v),  # type: ignore[call-overload]
-        created_at=float(created),  # type: ignore[arg-type]
-        expires_at=None if expires is None else float(expires),  # type: ignore[arg-type]
-        revoked_at=None if revoked is None else float(revoked),  # type: ignore[arg-type]
-        last_used_at=None if used is None else float(used),  # type: ignore[arg-type]
+        key_hash=bytes(key_hash),
+        pepper_version=int(pepper_v),
+        created_at=float(created),
+        expires_at=None if expires is None else float(expires),
+        revoked_at=None if revoked is None else float(revoked),
+        last_used_at=None if used is None else float(used),
         rotated_to=None if rotated is None else str(rotated),
     )
 
@@ -158,15 +159,22 @@ class SQLiteStore(Store):
                 raise ConflictError(f"a tenant named {tenant.name!r} already exists")
             cur.execute(
                 "INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?)",
-                (tenant.id, tenant.name, tenant.tier.value, tenant.status.value,
-                 tenant.created_at, tenant.updated_at),
+                (
+                    tenant.id,
+                    tenant.name,
+                    tenant.tier.value,
+                    tenant.status.value,
+                    tenant.created_at,
+                    tenant.updated_at,
+                ),
             )
             self._bump(cur)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         with self._tx() as cur:
             row = cur.execute(
-                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?", (tenant_id,)  # noqa: S608
+                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?",
+                (tenant_id,),  # noqa: S608
             ).fetchone()
         return None if row is None else _tenant(row)
 
@@ -204,7 +212,8 @@ class SQLiteStore(Store):
                 raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
             self._bump(cur)
             row = cur.execute(
-                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?", (tenant_id,)  # noqa: S608
+                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?",
+                (tenant_id,),  # noqa: S608
             ).fetchone()
         return _tenant(row)
 
@@ -226,14 +235,25 @@ class SQLiteStore(Store):
             raise UnknownTenantError(f"no tenant with id {key.tenant_id!r}")
         cur.execute(
             "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key.key_id, key.tenant_id, key.name, key.key_hash, key.pepper_version,
-             key.created_at, key.expires_at, key.revoked_at, key.last_used_at, key.rotated_to),
+            (
+                key.key_id,
+                key.tenant_id,
+                key.name,
+                key.key_hash,
+                key.pepper_version,
+                key.created_at,
+                key.expires_at,
+                key.revoked_at,
+                key.last_used_at,
+                key.rotated_to,
+            ),
         )
 
     def get_key(self, key_id: str) -> APIKey | None:
         with self._tx() as cur:
             row = cur.execute(
-                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?", (key_id,)  # noqa: S608
+                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
+                (key_id,),  # noqa: S608
             ).fetchone()
         return None if row is None else _key(row)
 
@@ -260,7 +280,8 @@ class SQLiteStore(Store):
     def revoke_key(self, key_id: str, now: float) -> APIKey:
         with self._tx(write=True) as cur:
             row = cur.execute(
-                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?", (key_id,)  # noqa: S608
+                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
+                (key_id,),  # noqa: S608
             ).fetchone()
             if row is None:
                 raise UnknownKeyError(f"no API key with id {key_id!r}")
@@ -284,9 +305,7 @@ class SQLiteStore(Store):
             if old.revoked_at is not None:
                 raise ConflictError(f"API key {old_key_id} is revoked and cannot be rotated")
             if old.rotated_to is not None:
-                raise ConflictError(
-                    f"API key {old_key_id} was already rotated to {old.rotated_to}"
-                )
+                raise ConflictError(f"API key {old_key_id} was already rotated to {old.rotated_to}")
             self._insert_key(cur, new_key)
             if old.expires_at is None or old.expires_at > old_expires_at:
                 old.expires_at = old_expires_at

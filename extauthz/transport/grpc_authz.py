@@ -26,8 +26,12 @@ from extauthz.model import CheckInput, Decision
 log = logging.getLogger("extauthz.grpc")
 
 SERVICE = "envoy.service.auth.v3.Authorization"
-_RPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED,
-             503: code_pb2.UNAVAILABLE, 400: code_pb2.INVALID_ARGUMENT}
+_RPC_CODE = {
+    401: code_pb2.UNAUTHENTICATED,
+    403: code_pb2.PERMISSION_DENIED,
+    503: code_pb2.UNAVAILABLE,
+    400: code_pb2.INVALID_ARGUMENT,
+}
 
 
 def _header(name: str, value: str) -> Any:
@@ -51,7 +55,7 @@ def encode(decision: Decision) -> bytes:
                 message=decision.reason,
             ),
             denied_response=authz_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=decision.status),  # type: ignore[arg-type]
+                status=http_status_pb2.HttpStatus(code=decision.status),
                 headers=[_header(k, v) for k, v in decision.client_headers],
                 body=decision.body.decode(),
             ),
@@ -111,7 +115,7 @@ class GrpcAuthz:
             log.exception("check failed")
             return self._denied["internal_error"]
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         identity: Callable[[bytes], bytes] = bytes
         method = grpc.unary_unary_rpc_method_handler(
             self.check, request_deserializer=identity, response_serializer=identity
@@ -122,7 +126,7 @@ class GrpcAuthz:
 class GrpcServer:
     """A grpcio sync server with a small thread pool and no SO_REUSEPORT."""
 
-    def __init__(self, handlers: list[grpc.GenericRpcHandler], workers: int = 4) -> None:
+    def __init__(self, handlers: list[grpc.GenericRpcHandler[Any, Any]], workers: int = 4) -> None:
         self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="extauthz-grpc")
         self._server = grpc.server(
             self._pool,

@@ -1,0 +1,52 @@
+"""Fakes shipped for tests (ours and users'): a hand-moved clock, a store that counts."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from extauthz.model import APIKey, Tenant
+from extauthz.store.memory import MemoryStore
+
+
+class ManualClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._mono = 1000.0
+
+    def now(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+        self._mono += seconds
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts hot-path lookups and can be made to block or fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+        self.fail: Exception | None = None
+        self.gate: threading.Event | None = None  # lookups wait on it when set
+        self.entered = threading.Event()
+
+    def lookup(self, key_hash: bytes) -> tuple[APIKey, Tenant] | None:
+        self.lookups += 1
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        return super().lookup(key_hash)
+
+
+def headers(**values: Any) -> dict[str, str]:
+    """Request headers from keyword arguments: ``x_api_key=...`` -> ``x-api-key``."""
+    return {name.replace("_", "-"): str(value) for name, value in values.items()}

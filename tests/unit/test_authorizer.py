@@ -1,0 +1,256 @@
+"""The decision core, with a counting in-memory store and a hand-moved clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extauthz.apikeys import APIKeyManager, KeyResolver
+from extauthz.authorizer import REASONS, Authorizer
+from extauthz.errors import StoreError
+from extauthz.keys import checksum
+from extauthz.model import CheckInput, Decision
+from extauthz.tenants import TenantManager
+from extauthz.testing import CountingStore, ManualClock
+
+
+def check(authorizer: Authorizer, path: str = "/v1/items", **hdrs: str) -> Decision:
+    headers = {k.replace("_", "-"): v for k, v in hdrs.items()}
+    return authorizer.check(CheckInput(method="GET", path=path, headers=headers))
+
+
+def body(decision: Decision) -> dict[str, str]:
+    data: dict[str, str] = json.loads(decision.body)
+    return data
+
+
+def test_valid_key_is_allowed_with_identity_headers_and_key_removed(
+    authorizer: Authorizer, acme_key: tuple[str, str]
+) -> None:
+    """A valid key yields allow, the tenant/tier/key-id headers, and removal of x-api-key."""
+    key_id, key = acme_key
+    decision = check(authorizer, x_api_key=key)
+    assert decision.allowed
+    assert dict(decision.upstream_headers) == {
+        "x-tenant-id": "acme",
+        "x-tenant-tier": "professional",
+        "x-api-key-id": key_id,
+    }
+    assert decision.remove_headers == ("x-api-key",)
+
+
+def test_bearer_token_is_accepted_and_authorization_removed(
+    authorizer: Authorizer, acme_key: tuple[str, str]
+) -> None:
+    """Authorization: Bearer <key> works like x-api-key, and the header is stripped."""
+    decision = check(authorizer, authorization=f"Bearer {acme_key[1]}")
+    assert decision.allowed
+    assert decision.remove_headers == ("authorization",)
+
+
+def test_other_authorization_schemes_are_not_keys(authorizer: Authorizer) -> None:
+    """Authorization: Basic is left for the upstream; without a key the answer is missing_key."""
+    decision = check(authorizer, authorization="Basic dXNlcjpwdw==")
+    assert decision.reason == "missing_key"
+
+
+def test_missing_key_is_401_with_json_and_challenge_and_no_lookup(
+    authorizer: Authorizer, store: CountingStore
+) -> None:
+    """No key: 401, a JSON error body, WWW-Authenticate, and the store is not touched."""
+    decision = check(authorizer)
+    assert (decision.allowed, decision.status, decision.reason) == (False, 401, "missing_key")
+    assert body(decision)["error"] == "missing_key"
+    assert "x-api-key" in body(decision)["message"]
+    headers = dict(decision.client_headers)
+    assert headers["www-authenticate"] == 'Bearer realm="extauthz"'
+    assert headers["content-type"] == "application/json"
+    assert store.lookups == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "nk_" + "a" * 43 + "_zzzzzz",  # wrong checksum
+        "nk_tooshort",
+        "nk_" + "a" * 42 + "\x00_" + checksum("a" * 43),
+        "nk_" + "a" * 43 + "\r\n_" + checksum("a" * 43),
+        "nk_\ufffd" + "a" * 42 + "_" + checksum("a" * 43),  # non-UTF-8, as Envoy replaces it
+        "nk_" + "A" * (1 << 20),  # a 1 MB header
+    ],
+)
+def test_malformed_keys_are_401_without_touching_the_store(
+    authorizer: Authorizer, store: CountingStore, bad: str
+) -> None:
+    """Bad checksums, NUL/CR/LF, non-UTF-8 and 1 MB keys are refused before any lookup."""
+    decision = check(authorizer, x_api_key=bad)
+    assert decision.status == 401
+    assert decision.reason in {"malformed_key", "bad_checksum"}
+    assert store.lookups == 0
+    assert "invalid_token" in dict(decision.client_headers)["www-authenticate"]
+
+
+def test_bad_checksum_has_its_own_reason(authorizer: Authorizer) -> None:
+    """A well-shaped key with the wrong checksum says bad_checksum."""
+    assert check(authorizer, x_api_key="nk_" + "a" * 43 + "_zzzzzz").reason == "bad_checksum"
+
+
+@pytest.mark.parametrize(
+    "hdrs",
+    [
+        {"x-api-key": "{k},{k}"},
+        {"x-api-key": ("{k}", "{k}")},
+        {"x-api-key": "{k}", "authorization": "Bearer {k}"},
+        {"authorization": "Bearer {k}, Bearer {k}"},
+    ],
+)
+def test_two_keys_are_refused_never_picking_one(
+    authorizer: Authorizer, acme_key: tuple[str, str], hdrs: dict[str, object]
+) -> None:
+    """Joined (A,B), repeated, or x-api-key plus Bearer: 401 multiple_keys, even if equal."""
+    key = acme_key[1]
+    filled = {
+        n: tuple(x.format(k=key) for x in v) if isinstance(v, tuple) else str(v).format(k=key)
+        for n, v in hdrs.items()
+    }
+    decision = authorizer.check(CheckInput(method="GET", path="/", headers=filled))
+    assert decision.reason == "multiple_keys"
+
+
+@pytest.mark.parametrize("path", ["/x?api_key=abc", "/x?a=1&APIKEY=abc", "/x?apikey"])
+def test_key_in_query_string_is_refused(
+    authorizer: Authorizer, acme_key: tuple[str, str], path: str
+) -> None:
+    """?api_key= is refused even when a valid header key is also sent."""
+    decision = check(authorizer, path=path, x_api_key=acme_key[1])
+    assert (decision.status, decision.reason) == (401, "key_in_query")
+
+
+def test_query_check_can_be_switched_off(
+    resolver: KeyResolver, acme_key: tuple[str, str]
+) -> None:
+    """With no query_key_params configured, query strings are not inspected."""
+    authorizer = Authorizer(resolver, query_key_params=())
+    assert check(authorizer, path="/x?api_key=1", x_api_key=acme_key[1]).allowed
+
+
+def test_unknown_key_is_401_and_cached_negatively(
+    authorizer: Authorizer, store: CountingStore, keys: APIKeyManager, tenants: TenantManager
+) -> None:
+    """An unknown well-formed key costs one lookup, then hits the negative cache."""
+    from extauthz.keys import generate_key
+
+    stranger = generate_key()
+    assert check(authorizer, x_api_key=stranger).reason == "unknown_key"
+    assert check(authorizer, x_api_key=stranger).reason == "unknown_key"
+    assert store.lookups == 1
+
+
+def test_valid_key_is_cached(
+    authorizer: Authorizer, store: CountingStore, acme_key: tuple[str, str]
+) -> None:
+    """Repeated checks of one key reach the store once."""
+    for _ in range(5):
+        assert check(authorizer, x_api_key=acme_key[1]).allowed
+    assert store.lookups == 1
+
+
+def test_revoked_key_is_refused_at_once_in_process(
+    authorizer: Authorizer, keys: APIKeyManager, acme_key: tuple[str, str]
+) -> None:
+    """Revoking through the manager drops the cached entry: the next check is key_revoked."""
+    key_id, key = acme_key
+    assert check(authorizer, x_api_key=key).allowed
+    keys.revoke_key(key_id)
+    assert check(authorizer, x_api_key=key).reason == "key_revoked"
+
+
+def test_revocation_from_another_process_lands_on_refresh(
+    authorizer: Authorizer, store: CountingStore, clock: ManualClock, acme_key: tuple[str, str]
+) -> None:
+    """A change made behind the cache's back is seen after refresh() notices the revision."""
+    key_id, key = acme_key
+    authorizer.resolver.refresh()
+    assert check(authorizer, x_api_key=key).allowed
+    store.revoke_key(key_id, clock.now())  # as the CLI in another process would
+    assert check(authorizer, x_api_key=key).allowed  # still cached
+    assert authorizer.resolver.refresh()
+    assert check(authorizer, x_api_key=key).reason == "key_revoked"
+
+
+def test_key_that_expires_while_cached_is_refused(
+    authorizer: Authorizer, keys: APIKeyManager, clock: ManualClock
+) -> None:
+    """Expiry is re-checked on every cache hit."""
+    TenantManager(keys.store, clock).create_tenant("t", tenant_id="t")
+    _, key = keys.create_key("t", "short", expires_in=60)
+    assert check(authorizer, x_api_key=key).allowed
+    clock.advance(61)
+    decision = check(authorizer, x_api_key=key)
+    assert (decision.status, decision.reason) == (401, "key_expired")
+
+
+def test_suspended_tenant_is_403(
+    authorizer: Authorizer, tenants: TenantManager, acme_key: tuple[str, str]
+) -> None:
+    """A valid key of a suspended tenant gets 403 tenant_suspended, and works again on resume."""
+    tenants.suspend("acme")
+    authorizer.resolver.invalidate()
+    decision = check(authorizer, x_api_key=acme_key[1])
+    assert (decision.status, decision.reason) == (403, "tenant_suspended")
+    assert "www-authenticate" not in dict(decision.client_headers)
+    tenants.resume("acme")
+    authorizer.resolver.invalidate()
+    assert check(authorizer, x_api_key=acme_key[1]).allowed
+
+
+def test_rotated_key_works_until_grace_ends(
+    authorizer: Authorizer, keys: APIKeyManager, clock: ManualClock, acme_key: tuple[str, str]
+) -> None:
+    """After rotation both keys work; after the grace period only the new one does."""
+    old_id, old = acme_key
+    new_id, new = keys.rotate_key(old_id, grace=3600)
+    assert check(authorizer, x_api_key=old).allowed
+    assert dict(check(authorizer, x_api_key=new).upstream_headers)["x-api-key-id"] == new_id
+    clock.advance(3601)
+    assert check(authorizer, x_api_key=old).reason == "key_expired"
+    assert check(authorizer, x_api_key=new).allowed
+
+
+def test_store_failure_is_503_fail_closed(
+    authorizer: Authorizer, store: CountingStore, acme_key: tuple[str, str]
+) -> None:
+    """When the store raises, the answer is an explicit 503 with Retry-After, never allow."""
+    store.fail = StoreError("disk on fire")
+    decision = check(authorizer, x_api_key=acme_key[1])
+    assert (decision.allowed, decision.status, decision.reason) == (False, 503, "store_unavailable")
+    assert dict(decision.client_headers)["retry-after"] == "1"
+
+
+def test_configured_header_names_are_used(
+    resolver: KeyResolver, acme_key: tuple[str, str]
+) -> None:
+    """With key_headers=('x-custom-key',), only that header carries a key."""
+    authorizer = Authorizer(resolver, key_headers=("x-custom-key",))
+    assert check(authorizer, x_custom_key=acme_key[1]).allowed
+    assert check(authorizer, x_api_key=acme_key[1]).reason == "missing_key"
+    assert "x-custom-key" in body(check(authorizer))["message"]
+
+
+def test_every_reason_has_a_status_and_message() -> None:
+    """The reason table is complete: every entry is a 4xx/5xx with a message."""
+    for reason, spec in REASONS.items():
+        assert 400 <= spec.status < 600, reason
+        assert spec.message
+
+
+def test_deny_bodies_never_echo_the_presented_key(
+    authorizer: Authorizer, acme_key: tuple[str, str], keys: APIKeyManager
+) -> None:
+    """No deny answer contains the key that was presented."""
+    key_id, key = acme_key
+    keys.revoke_key(key_id)
+    for hdrs in ({"x_api_key": key}, {"x_api_key": key + "x"}, {"authorization": f"Bearer {key}"}):
+        decision = check(authorizer, **hdrs)
+        assert key not in decision.body.decode() + repr(decision)

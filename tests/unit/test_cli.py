@@ -1,0 +1,141 @@
+"""The `extauthz` command, run in-process against a temporary data directory."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from extauthz.cli import main
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EXTAUTHZ_DATA_DIR", str(tmp_path))
+    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_init_creates_0600_pepper_and_database_and_is_idempotent(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    """init writes the pepper (0600) and schema; running it again changes nothing."""
+    first = run_json(capsys, "init")
+    pepper = (data_dir / "pepper").read_text()
+    assert first["pepper_created"] is True  # type: ignore[index]
+    assert stat.S_IMODE((data_dir / "pepper").stat().st_mode) == 0o600
+    second = run_json(capsys, "init")
+    assert second["pepper_created"] is False  # type: ignore[index]
+    assert (data_dir / "pepper").read_text() == pepper
+
+
+def test_tenant_and_key_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    """tenants create --json has id/name/tier/status; keys create --json has key_id/key/
+    tenant_id/expires_at."""
+    tenant = run_json(capsys, "tenants", "create", "acme", "--tier", "starter")
+    assert {k: tenant[k] for k in ("name", "tier", "status")} == {  # type: ignore[index]
+        "name": "acme", "tier": "starter", "status": "active"}
+    key = run_json(capsys, "keys", "create", "acme", "--name", "ci", "--expires-in", "30d")
+    assert key["tenant_id"] == tenant["id"]  # type: ignore[index]
+    assert key["key"].startswith("nk_")  # type: ignore[index]
+    assert key["key_id"].startswith("key_")  # type: ignore[index]
+    assert key["expires_at"]  # type: ignore[index]
+    no_expiry = run_json(capsys, "keys", "create", "acme")
+    assert no_expiry["expires_at"] is None  # type: ignore[index]
+
+
+def test_key_is_shown_once_and_never_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    """keys list/show print key ids but never the key itself."""
+    run(capsys, "tenants", "create", "acme")
+    key = run_json(capsys, "keys", "create", "acme")
+    _, listing, _ = run(capsys, "keys", "list", "acme")
+    _, shown, _ = run(capsys, "keys", "show", key["key_id"])  # type: ignore[index]
+    assert key["key_id"] in listing  # type: ignore[index]
+    assert key["key"] not in listing + shown  # type: ignore[index]
+
+
+def test_unknown_tenant_is_a_clear_error_without_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unknown tenant exits 3 with one line that names it, and no traceback."""
+    code, out, err = run(capsys, "keys", "create", "ghost")
+    assert code == 3
+    assert "no tenant with id or name 'ghost'" in err
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "text"),
+    [
+        (["tenants", "create", "x", "--tier", "gold"], 1, "unknown tier 'gold'"),
+        (["keys", "revoke", "key_nope"], 3, "no API key with id"),
+        (["keys", "create", "acme", "--expires-in", "soon"], 1, "--expires-in"),
+        (["tenants", "create", "acme"], 4, "already exists"),
+    ],
+)
+def test_errors_have_exit_codes_and_plain_messages(
+    capsys: pytest.CaptureFixture[str], argv: list[str], code: int, text: str
+) -> None:
+    """Bad tier (1), unknown key (3), bad duration (1), duplicate name (4)."""
+    run(capsys, "tenants", "create", "acme")
+    got, out, err = run(capsys, *argv)
+    assert (got, text in err, "Traceback" in err) == (code, True, False)
+
+
+def test_tenant_lifecycle(capsys: pytest.CaptureFixture[str]) -> None:
+    """suspend, resume, set-tier and delete act on a tenant found by name."""
+    run(capsys, "tenants", "create", "acme")
+    assert run_json(capsys, "tenants", "suspend", "acme")["status"] == "suspended"  # type: ignore[index]
+    assert run_json(capsys, "tenants", "resume", "acme")["status"] == "active"  # type: ignore[index]
+    assert run_json(capsys, "tenants", "set-tier", "acme", "enterprise")["tier"] == "enterprise"  # type: ignore[index]
+    assert run_json(capsys, "tenants", "show", "acme")["name"] == "acme"  # type: ignore[index]
+    assert run_json(capsys, "tenants", "delete", "acme")["deleted"] is True  # type: ignore[index]
+    assert run_json(capsys, "tenants", "list") == []
+
+
+def test_revoke_and_rotate(capsys: pytest.CaptureFixture[str]) -> None:
+    """revoke marks the key revoked; rotate issues a new key and sets the old one's end."""
+    run(capsys, "tenants", "create", "acme")
+    a = run_json(capsys, "keys", "create", "acme")
+    b = run_json(capsys, "keys", "create", "acme")
+    assert run_json(capsys, "keys", "revoke", a["key_id"])["state"] == "revoked"  # type: ignore[index]
+    code, _, err = run(capsys, "keys", "revoke", a["key_id"])  # type: ignore[index]
+    assert code == 4
+    assert "already revoked" in err
+    rotated = run_json(capsys, "keys", "rotate", b["key_id"], "--grace", "2h")  # type: ignore[index]
+    old = run_json(capsys, "keys", "show", b["key_id"])  # type: ignore[index]
+    assert old["rotated_to"] == rotated["key_id"]  # type: ignore[index]
+    assert old["expires_at"] is not None  # type: ignore[index]
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help works for each command and subcommand."""
+    for argv in (["init"], ["serve"], ["up"], ["demo"], ["envoy-config"], ["tenants", "create"],
+                 ["tenants", "list"], ["keys", "create"], ["keys", "rotate"], ["keys", "list"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: extauthz" in capsys.readouterr().out
+
+
+def test_envoy_config_in_repo_matches_renderer(capsys: pytest.CaptureFixture[str]) -> None:
+    """envoy/envoy.yaml is exactly what `extauthz envoy-config` prints for the defaults."""
+    code, out, _ = run(capsys, "envoy-config", "--authz", "127.0.0.1:9001")
+    root = Path(__file__).resolve().parents[2]
+    assert code == 0
+    assert out == (root / "envoy" / "envoy.yaml").read_text()
