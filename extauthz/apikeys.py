@@ -21,6 +21,7 @@ from extauthz.model import APIKey, Tenant, new_id
 from extauthz.store import Store
 
 _Entry = tuple[APIKey, Tenant]
+_NO_HASH = bytes(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +77,13 @@ class KeyResolver:
             with self._lock:
                 if found is None:
                     self._misses[key_hash] = True
-                    return Resolution("unknown_key")
-                self._hits[key_hash] = found
+                else:
+                    self._hits[key_hash] = found
+            if found is None:
+                # The same constant-time compare a found key gets, so that a miss does
+                # not answer measurably faster than a revoked key.
+                self.pepper.matches(presented, _NO_HASH)
+                return Resolution("unknown_key")
             entry = found
         else:
             self.stats["hit"] += 1

@@ -7,11 +7,19 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    hits = 0  # requests that reached the backend (tests assert denied ones never do)
+
+
 class _Echo(BaseHTTPRequestHandler):
+    server: _Server
+
     server_version = "extauthz-demo-backend"
     protocol_version = "HTTP/1.1"
 
     def _reply(self) -> None:
+        self.server.hits += 1
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
@@ -41,10 +49,13 @@ class _Echo(BaseHTTPRequestHandler):
 
 class EchoBackend:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.httpd = ThreadingHTTPServer((host, port), _Echo)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), _Echo)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def hits(self) -> int:
+        return self.httpd.hits
 
     def start(self) -> EchoBackend:
         self._thread.start()

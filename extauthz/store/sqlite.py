@@ -51,6 +51,10 @@ _KEY_COLS = (
     "k.expires_at, k.revoked_at, k.last_used_at, k.rotated_to"
 )
 _TENANT_COLS = "t.id, t.name, t.tier, t.status, t.created_at, t.updated_at"
+_LOOKUP = (
+    f"SELECT {_KEY_COLS}, {_TENANT_COLS} FROM (SELECT ? AS h) q "  # noqa: S608
+    "LEFT JOIN api_keys k ON k.key_hash = q.h LEFT JOIN tenants t ON t.id = k.tenant_id"
+)
 
 
 def _tenant(row: Any) -> Tenant:
@@ -79,6 +83,13 @@ def _key(row: Any) -> APIKey:
         last_used_at=None if used is None else float(used),
         rotated_to=None if rotated is None else str(rotated),
     )
+
+
+_PLACEHOLDER = ("", "", "", b"", 1, 0.0, None, None, None, None, "", "", "free", "active", 0.0, 0.0)
+
+
+def _decode_placeholder() -> tuple[APIKey, Tenant]:
+    return _key(_PLACEHOLDER[:10]), _tenant(_PLACEHOLDER[10:])
 
 
 class SQLiteStore(Store):
@@ -258,13 +269,14 @@ class SQLiteStore(Store):
         return None if row is None else _key(row)
 
     def lookup(self, key_hash: bytes) -> tuple[APIKey, Tenant] | None:
+        # Always one row (NULLs for an unknown hash), so SQLite does the same work for
+        # an unknown key as for a known one and the timing does not tell them apart.
         with self._tx() as cur:
-            row = cur.execute(
-                f"SELECT {_KEY_COLS}, {_TENANT_COLS} FROM api_keys k "  # noqa: S608
-                "JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = ?",
-                (key_hash,),
-            ).fetchone()
-        return None if row is None else (_key(row[:10]), _tenant(row[10:]))
+            row = cur.execute(_LOOKUP, (key_hash,)).fetchone()
+        found = row[0] is not None and row[10] is not None
+        # A miss decodes a placeholder row, for the same reason.
+        entry = (_key(row[:10]), _tenant(row[10:])) if found else _decode_placeholder()
+        return entry if found else None
 
     def list_keys(self, tenant_id: str | None = None) -> list[APIKey]:
         query = f"SELECT {_KEY_COLS} FROM api_keys k"  # noqa: S608

@@ -1,0 +1,112 @@
+"""A real stack on free loopback ports: echo backend <- Envoy (wheel) <- extauthz serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from extauthz.app import Runtime
+from extauthz.demo import EchoBackend
+from extauthz.envoyconf import render
+from extauthz.launcher import EnvoyProcess
+from extauthz.model import TenantTier
+from extauthz.settings import load_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def extauthz_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "extauthz", *args]
+
+
+def start_sidecar(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], int]:
+    """`extauthz serve` on a free port; returns the process and its gRPC port."""
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            extauthz_cmd("serve", "--grpc-addr", "127.0.0.1:0", "--json"),
+            env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        stop(proc)
+        pytest.fail(f"extauthz serve did not start: {log.read_text()}")
+    return proc, int(json.loads(line)["grpc_port"])
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    code = proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return code
+
+
+@dataclass
+class Stack:
+    url: str
+    port: int
+    env: dict[str, str]
+    runtime: Runtime
+    backend: EchoBackend
+    sidecar: subprocess.Popen[str]
+    envoy: EnvoyProcess
+    made: list[str] = field(default_factory=list)
+
+    def new_key(self, tier: TenantTier = TenantTier.STARTER) -> tuple[str, str, str]:
+        """A fresh tenant and key: (tenant_id, key_id, key). Made in this test process, which
+        is 'another process' as far as the sidecar is concerned."""
+        tenant = self.runtime.tenants.create_tenant(f"t{len(self.made)}", tier)
+        self.made.append(tenant.id)
+        key_id, key = self.runtime.keys.create_key(tenant.id, "e2e")
+        return tenant.id, key_id, key
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(extauthz_cmd(*args), env=self.env, capture_output=True,
+                              text=True, timeout=30, check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "EXTAUTHZ_DATA_DIR": str(data), "EXTAUTHZ_LOG_LEVEL": "warning"}
+    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
+        env.pop(name, None)
+    runtime = Runtime.open(load_settings(environ=env))
+    backend = EchoBackend().start()
+    sidecar, grpc_port = start_sidecar(env, data / "sidecar.log")
+    config = render(listen=("127.0.0.1", 0), upstream=("127.0.0.1", backend.port),
+                    authz=[("127.0.0.1", grpc_port)], admin=("127.0.0.1", 0))
+    envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
+    envoy.start()
+    port = envoy.listener_port()
+    yield Stack(f"http://127.0.0.1:{port}", port, env, runtime, backend, sidecar, envoy)
+    envoy.stop()
+    code = stop(sidecar)
+    backend.stop()
+    runtime.close()
+    assert code == 0, "extauthz serve did not stop cleanly"
+
+
+def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> float:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until true; returns the seconds it took (fails on timeout)."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(step)
+    return time.monotonic() - start
