@@ -53,18 +53,31 @@ def main() -> None:
     keys.revoke_key(revoked_id)
     authorizer = Authorizer(resolver)
     request = CheckInput("GET", "/v1/items", {"x-api-key": key, "user-agent": "bench"})
-    raw = authz_pb2.CheckRequest(attributes=ctx_pb2.AttributeContext(
-        request=ctx_pb2.AttributeContext.Request(http=ctx_pb2.AttributeContext.HttpRequest(
-            method="GET", path="/v1/items", id="r1",
-            headers={"x-api-key": key, "user-agent": "bench", ":authority": "api",
-                     "x-request-id": "r1", "accept": "*/*"},
-        )))).SerializeToString()
+    raw = authz_pb2.CheckRequest(
+        attributes=ctx_pb2.AttributeContext(
+            request=ctx_pb2.AttributeContext.Request(
+                http=ctx_pb2.AttributeContext.HttpRequest(
+                    method="GET",
+                    path="/v1/items",
+                    id="r1",
+                    headers={
+                        "x-api-key": key,
+                        "user-agent": "bench",
+                        ":authority": "api",
+                        "x-request-id": "r1",
+                        "accept": "*/*",
+                    },
+                )
+            )
+        )
+    ).SerializeToString()
     grpc_authz = GrpcAuthz(authorizer)
 
     results = {
         "decision_cache_hit_us": per_call_us(lambda: authorizer.check(request), args.n),
         "grpc_adapter_cache_hit_us": per_call_us(
-            lambda: grpc_authz.check(raw, None), args.n  # type: ignore[arg-type]
+            lambda: grpc_authz.check(raw, None),
+            args.n,  # type: ignore[arg-type]
         ),
     }
     # Cache misses: invalidate before every call so each one reaches SQLite.

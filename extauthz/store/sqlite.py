@@ -52,7 +52,7 @@ _KEY_COLS = (
 )
 _TENANT_COLS = "t.id, t.name, t.tier, t.status, t.created_at, t.updated_at"
 _LOOKUP = (
-    f"SELECT {_KEY_COLS}, {_TENANT_COLS} FROM (SELECT ? AS h) q "  # noqa: S608
+    f"SELECT {_KEY_COLS}, {_TENANT_COLS} FROM (SELECT ? AS h) q "
     "LEFT JOIN api_keys k ON k.key_hash = q.h LEFT JOIN tenants t ON t.id = k.tenant_id"
 )
 
@@ -185,14 +185,14 @@ class SQLiteStore(Store):
         with self._tx() as cur:
             row = cur.execute(
                 f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?",
-                (tenant_id,),  # noqa: S608
+                (tenant_id,),
             ).fetchone()
         return None if row is None else _tenant(row)
 
     def find_tenant(self, id_or_name: str) -> Tenant | None:
         with self._tx() as cur:
             row = cur.execute(
-                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ? OR t.name = ? "  # noqa: S608
+                f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ? OR t.name = ? "
                 "ORDER BY t.id = ? DESC LIMIT 1",
                 (id_or_name, id_or_name, id_or_name),
             ).fetchone()
@@ -201,7 +201,7 @@ class SQLiteStore(Store):
     def list_tenants(self) -> list[Tenant]:
         with self._tx() as cur:
             rows = cur.execute(
-                f"SELECT {_TENANT_COLS} FROM tenants t ORDER BY t.created_at, t.id"  # noqa: S608
+                f"SELECT {_TENANT_COLS} FROM tenants t ORDER BY t.created_at, t.id"
             ).fetchall()
         return [_tenant(r) for r in rows]
 
@@ -224,7 +224,7 @@ class SQLiteStore(Store):
             self._bump(cur)
             row = cur.execute(
                 f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?",
-                (tenant_id,),  # noqa: S608
+                (tenant_id,),
             ).fetchone()
         return _tenant(row)
 
@@ -264,7 +264,7 @@ class SQLiteStore(Store):
         with self._tx() as cur:
             row = cur.execute(
                 f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
-                (key_id,),  # noqa: S608
+                (key_id,),
             ).fetchone()
         return None if row is None else _key(row)
 
@@ -279,7 +279,7 @@ class SQLiteStore(Store):
         return entry if found else None
 
     def list_keys(self, tenant_id: str | None = None) -> list[APIKey]:
-        query = f"SELECT {_KEY_COLS} FROM api_keys k"  # noqa: S608
+        query = f"SELECT {_KEY_COLS} FROM api_keys k"
         with self._tx() as cur:
             if tenant_id is None:
                 rows = cur.execute(query + " ORDER BY k.created_at, k.key_id").fetchall()
@@ -293,7 +293,7 @@ class SQLiteStore(Store):
         with self._tx(write=True) as cur:
             row = cur.execute(
                 f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
-                (key_id,),  # noqa: S608
+                (key_id,),
             ).fetchone()
             if row is None:
                 raise UnknownKeyError(f"no API key with id {key_id!r}")
@@ -308,7 +308,7 @@ class SQLiteStore(Store):
     def rotate_key(self, old_key_id: str, new_key: APIKey, old_expires_at: float) -> APIKey:
         with self._tx(write=True) as cur:
             row = cur.execute(
-                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",  # noqa: S608
+                f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
                 (old_key_id,),
             ).fetchone()
             if row is None:

@@ -51,8 +51,13 @@ def test_update_tenant_changes_status_and_tier_and_bumps_revision(store: Store) 
     before = store.revision()
     updated = store.update_tenant("t1", 5.0, status=TenantStatus.SUSPENDED)
     assert (updated.status, updated.tier, updated.updated_at) == (
-        TenantStatus.SUSPENDED, TenantTier.STARTER, 5.0)
-    assert store.update_tenant("t1", 6.0, tier=TenantTier.ENTERPRISE).status is TenantStatus.SUSPENDED
+        TenantStatus.SUSPENDED,
+        TenantTier.STARTER,
+        5.0,
+    )
+    assert (
+        store.update_tenant("t1", 6.0, tier=TenantTier.ENTERPRISE).status is TenantStatus.SUSPENDED
+    )
     assert store.revision() > before
     with pytest.raises(UnknownTenantError):
         store.update_tenant("nope", 1.0, status=TenantStatus.ACTIVE)

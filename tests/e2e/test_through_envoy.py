@@ -53,13 +53,21 @@ def test_bearer_key_works_and_authorization_is_stripped(stack: Stack) -> None:
 def test_spoofed_identity_headers_are_overwritten(stack: Stack) -> None:
     """Client-sent x-tenant-id/x-tenant-tier/x-api-key-id are replaced, never appended."""
     tenant_id, key_id, key = stack.new_key()
-    reply = get(stack.port, headers=[
-        ("x-api-key", key), ("x-tenant-id", "evil"), ("x-tenant-tier", "enterprise"),
-        ("x-api-key-id", "key_evil"),
-    ])
+    reply = get(
+        stack.port,
+        headers=[
+            ("x-api-key", key),
+            ("x-tenant-id", "evil"),
+            ("x-tenant-tier", "enterprise"),
+            ("x-api-key-id", "key_evil"),
+        ],
+    )
     headers = seen(reply.json())
     assert (headers["x-tenant-id"], headers["x-tenant-tier"], headers["x-api-key-id"]) == (
-        tenant_id, "starter", key_id)
+        tenant_id,
+        "starter",
+        key_id,
+    )
 
 
 def test_spoofed_headers_without_a_key_never_pass(stack: Stack) -> None:

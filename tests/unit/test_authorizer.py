@@ -127,9 +127,7 @@ def test_key_in_query_string_is_refused(
     assert (decision.status, decision.reason) == (401, "key_in_query")
 
 
-def test_query_check_can_be_switched_off(
-    resolver: KeyResolver, acme_key: tuple[str, str]
-) -> None:
+def test_query_check_can_be_switched_off(resolver: KeyResolver, acme_key: tuple[str, str]) -> None:
     """With no query_key_params configured, query strings are not inspected."""
     authorizer = Authorizer(resolver, query_key_params=())
     assert check(authorizer, path="/x?api_key=1", x_api_key=acme_key[1]).allowed
@@ -228,9 +226,7 @@ def test_store_failure_is_503_fail_closed(
     assert dict(decision.client_headers)["retry-after"] == "1"
 
 
-def test_configured_header_names_are_used(
-    resolver: KeyResolver, acme_key: tuple[str, str]
-) -> None:
+def test_configured_header_names_are_used(resolver: KeyResolver, acme_key: tuple[str, str]) -> None:
     """With key_headers=('x-custom-key',), only that header carries a key."""
     authorizer = Authorizer(resolver, key_headers=("x-custom-key",))
     assert check(authorizer, x_custom_key=acme_key[1]).allowed

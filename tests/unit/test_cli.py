@@ -49,7 +49,10 @@ def test_tenant_and_key_json_contract(capsys: pytest.CaptureFixture[str]) -> Non
     tenant_id/expires_at."""
     tenant = run_json(capsys, "tenants", "create", "acme", "--tier", "starter")
     assert {k: tenant[k] for k in ("name", "tier", "status")} == {  # type: ignore[index]
-        "name": "acme", "tier": "starter", "status": "active"}
+        "name": "acme",
+        "tier": "starter",
+        "status": "active",
+    }
     key = run_json(capsys, "keys", "create", "acme", "--name", "ci", "--expires-in", "30d")
     assert key["tenant_id"] == tenant["id"]  # type: ignore[index]
     assert key["key"].startswith("nk_")  # type: ignore[index]
@@ -93,7 +96,7 @@ def test_errors_have_exit_codes_and_plain_messages(
 ) -> None:
     """Bad tier (1), unknown key (3), bad duration (1), duplicate name (4)."""
     run(capsys, "tenants", "create", "acme")
-    got, out, err = run(capsys, *argv)
+    got, _, err = run(capsys, *argv)
     assert (got, text in err, "Traceback" in err) == (code, True, False)
 
 
@@ -125,8 +128,18 @@ def test_revoke_and_rotate(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     """--help works for each command and subcommand."""
-    for argv in (["init"], ["serve"], ["up"], ["demo"], ["envoy-config"], ["tenants", "create"],
-                 ["tenants", "list"], ["keys", "create"], ["keys", "rotate"], ["keys", "list"]):
+    for argv in (
+        ["init"],
+        ["serve"],
+        ["up"],
+        ["demo"],
+        ["envoy-config"],
+        ["tenants", "create"],
+        ["tenants", "list"],
+        ["keys", "create"],
+        ["keys", "rotate"],
+        ["keys", "list"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--help"])
         assert exit_info.value.code == 0

@@ -58,8 +58,11 @@ def test_allow_sets_identity_headers_without_append_and_removes_key(
     assert resp.status.code == 0
     assert resp.HasField("ok_response")
     headers = {h.header.key: h.header.value for h in resp.ok_response.headers}
-    assert headers == {"x-tenant-id": "acme", "x-tenant-tier": "professional",
-                       "x-api-key-id": acme_key[0]}
+    assert headers == {
+        "x-tenant-id": "acme",
+        "x-tenant-tier": "professional",
+        "x-api-key-id": acme_key[0],
+    }
     assert not any(h.HasField("append") for h in resp.ok_response.headers)
     assert list(resp.ok_response.headers_to_remove) == ["x-api-key"]
 
@@ -127,7 +130,9 @@ header_names = st.sampled_from(["x-api-key", "authorization", "x-other", "host",
 header_values = st.text(max_size=200) | st.sampled_from(["Bearer ", "Bearer nk_", "nk_,nk_"])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     headers=st.dictionaries(header_names, header_values, max_size=4),
     path=st.text(max_size=100),
@@ -144,7 +149,9 @@ def test_fuzzed_check_requests_always_get_a_check_response(
     assert resp.denied_response.status.code in {400, 401}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(payload=st.binary(max_size=512))
 def test_fuzzed_bytes_never_escape_as_exceptions(authorizer: Authorizer, payload: bytes) -> None:
     """Random bytes either parse into a request that is answered, or abort INVALID_ARGUMENT."""

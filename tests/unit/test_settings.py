@@ -19,8 +19,9 @@ def test_defaults_need_no_environment(tmp_path: Path) -> None:
 
 def test_required_environment_names_exist() -> None:
     """EXTAUTHZ_DATABASE_URL and EXTAUTHZ_GRPC_ADDR are read under exactly those names."""
-    s = load_settings(environ={"EXTAUTHZ_DATABASE_URL": "memory://",
-                               "EXTAUTHZ_GRPC_ADDR": "127.0.0.1:7000"})
+    s = load_settings(
+        environ={"EXTAUTHZ_DATABASE_URL": "memory://", "EXTAUTHZ_GRPC_ADDR": "127.0.0.1:7000"}
+    )
     assert (s.db_url, s.grpc_addr) == ("memory://", "127.0.0.1:7000")
 
 
@@ -68,7 +69,14 @@ def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
 def test_durations_parse_units() -> None:
     """Durations accept plain seconds and ms/s/m/h/d/w suffixes."""
     assert [parse_duration(x) for x in ("1.5", "250ms", "30s", "15m", "2h", "30d", "1w")] == [
-        1.5, 0.25, 30, 900, 7200, 2_592_000, 604_800]
+        1.5,
+        0.25,
+        30,
+        900,
+        7200,
+        2_592_000,
+        604_800,
+    ]
     with pytest.raises(ConfigError):
         parse_duration("soon")
 
