@@ -97,7 +97,8 @@ class KeyResolver:
             return Resolution("key_revoked" if state == "revoked" else "key_expired", key, tenant)
         if not tenant.is_active:
             return Resolution("tenant_suspended", key, tenant)
-        self._last_used[key.key_id] = now
+        with self._lock:
+            self._last_used[key.key_id] = now
         return Resolution(None, key, tenant)
 
     def invalidate(self) -> None:

@@ -6,6 +6,7 @@ graceful stop on SIGTERM/SIGINT that answers in-flight checks before exiting.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import signal
 import threading
@@ -31,13 +32,39 @@ def load_pepper(settings: Settings) -> Pepper:
     return Pepper.load(settings.pepper_path)
 
 
+def open_secured(settings: Settings) -> tuple[Store, Pepper, bool]:
+    """Open the store and the pepper, creating the pepper file if this is a new
+    deployment, and refuse a pepper that is not the one the database's keys were made
+    with (every key would silently become unknown). Returns (store, pepper, created)."""
+    store = open_store(settings.db_url)
+    try:
+        check_name = "pepper_check_v1"
+        created = False
+        if not settings.pepper and not settings.pepper_path.exists():
+            if store.get_meta(check_name) is not None:
+                raise ConfigError(
+                    f"pepper file {settings.pepper_path} does not exist, but the database "
+                    f"{settings.db_url} holds keys made with a pepper: restore the file or "
+                    "set EXTAUTHZ_PEPPER (a new pepper would invalidate every key)"
+                )
+            created = Pepper.create(settings.pepper_path)
+        pepper = load_pepper(settings)
+        stored = store.setdefault_meta(check_name, pepper.fingerprint())
+        if not hmac.compare_digest(stored, pepper.fingerprint()):
+            source = "EXTAUTHZ_PEPPER" if settings.pepper else str(settings.pepper_path)
+            raise ConfigError(
+                f"the pepper from {source} is not the one the database {settings.db_url} "
+                "was initialised with: every key would be refused"
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store, pepper, created
+
+
 def init(settings: Settings) -> dict[str, object]:
     """Create the pepper file (0600) and the database schema. Safe to run again."""
-    created = False
-    if not settings.pepper:
-        created = Pepper.create(settings.pepper_path)
-        load_pepper(settings)  # refuse a pre-existing file with loose permissions
-    store = open_store(settings.db_url)
+    store, _, created = open_secured(settings)
     try:
         version = store.schema_version()
     finally:
@@ -64,11 +91,8 @@ class Runtime:
     @classmethod
     def open(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
         check_prefix(settings.key_prefix)
-        if not settings.pepper and not settings.pepper_path.exists():
-            # First use: the embedded default needs nothing installed or prepared.
-            init(settings)
-        pepper = load_pepper(settings)
-        store = open_store(settings.db_url)
+        # On first use this creates the pepper: the embedded default needs no setup step.
+        store, pepper, _ = open_secured(settings)
         resolver = KeyResolver(
             store,
             pepper,

@@ -86,6 +86,20 @@ class Authorizer:
         self.denials = {reason: deny_decision(reason, key_headers) for reason in REASONS}
 
     def check(self, request: CheckInput) -> Decision:
+        decision = self._decide(request)
+        if not decision.allowed and log.isEnabledFor(logging.DEBUG):
+            # Never the key, the query string or the Authorization header: only facts.
+            log.debug(
+                "deny reason=%s status=%d path=%s source=%s request_id=%s",
+                decision.reason,
+                decision.status,
+                request.path.split("?", 1)[0][:200],
+                request.source_address,
+                request.request_id[:64],
+            )
+        return decision
+
+    def _decide(self, request: CheckInput) -> Decision:
         if self.query_key_params and "?" in request.path and self._key_in_query(request.path):
             return self.denials["key_in_query"]
         found = self._find_keys(request)

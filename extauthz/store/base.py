@@ -23,6 +23,13 @@ class Store(abc.ABC):
     def revision(self) -> int:
         """A counter bumped by every change to tenants or keys, polled to drop caches."""
 
+    @abc.abstractmethod
+    def setdefault_meta(self, name: str, value: bytes) -> bytes:
+        """Store ``value`` under ``name`` unless one is there; return what is stored."""
+
+    @abc.abstractmethod
+    def get_meta(self, name: str) -> bytes | None: ...
+
     # tenants
     @abc.abstractmethod
     def create_tenant(self, tenant: Tenant) -> None:

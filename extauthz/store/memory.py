@@ -19,12 +19,20 @@ class MemoryStore(Store):
         self._keys: dict[str, APIKey] = {}
         self._by_hash: dict[bytes, str] = {}
         self._revision = 0
+        self._meta: dict[str, bytes] = {}
 
     def schema_version(self) -> int:
         return 1
 
     def revision(self) -> int:
         return self._revision
+
+    def setdefault_meta(self, name: str, value: bytes) -> bytes:
+        with self._lock:
+            return self._meta.setdefault(name, value)
+
+    def get_meta(self, name: str) -> bytes | None:
+        return self._meta.get(name)
 
     def create_tenant(self, tenant: Tenant) -> None:
         with self._lock:

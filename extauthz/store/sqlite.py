@@ -44,6 +44,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
     """,
+    """
+    CREATE TABLE meta_blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
 )
 
 _KEY_COLS = (
@@ -163,6 +166,17 @@ class SQLiteStore(Store):
     def revision(self) -> int:
         with self._tx() as cur:
             return int(cur.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+
+    def setdefault_meta(self, name: str, value: bytes) -> bytes:
+        with self._tx(write=True) as cur:
+            cur.execute("INSERT OR IGNORE INTO meta_blobs VALUES (?, ?)", (name, value))
+            row = cur.execute("SELECT value FROM meta_blobs WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
+
+    def get_meta(self, name: str) -> bytes | None:
+        with self._tx() as cur:
+            row = cur.execute("SELECT value FROM meta_blobs WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def create_tenant(self, tenant: Tenant) -> None:
         with self._tx(write=True) as cur:

@@ -149,3 +149,11 @@ def test_sqlite_schema_is_versioned_and_reopens(tmp_path: Path) -> None:
     assert again.schema_version() == version >= 1
     assert again.get_tenant("t1") is not None
     again.close()
+
+
+def test_setdefault_meta_keeps_the_first_value(store: Store) -> None:
+    """The first value stored under a name wins; later ones are ignored."""
+    assert store.get_meta("x") is None
+    assert store.setdefault_meta("x", b"one") == b"one"
+    assert store.setdefault_meta("x", b"two") == b"one"
+    assert store.get_meta("x") == b"one"

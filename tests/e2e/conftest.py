@@ -68,7 +68,9 @@ class Stack:
     backend: EchoBackend
     sidecar: subprocess.Popen[str]
     envoy: EnvoyProcess
+    log: Path
     made: list[str] = field(default_factory=list)
+    keys_made: list[str] = field(default_factory=list)
 
     def new_key(self, tier: TenantTier = TenantTier.STARTER) -> tuple[str, str, str]:
         """A fresh tenant and key: (tenant_id, key_id, key). Made in this test process, which
@@ -76,6 +78,7 @@ class Stack:
         tenant = self.runtime.tenants.create_tenant(f"t{len(self.made)}", tier)
         self.made.append(tenant.id)
         key_id, key = self.runtime.keys.create_key(tenant.id, "e2e")
+        self.keys_made.append(key)
         return tenant.id, key_id, key
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -92,7 +95,13 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data = tmp_path_factory.mktemp("stack")
-    env = {**os.environ, "EXTAUTHZ_DATA_DIR": str(data), "EXTAUTHZ_LOG_LEVEL": "warning"}
+    # Debug logging, so the secrets test below has every log line there is to search.
+    env = {
+        **os.environ,
+        "EXTAUTHZ_DATA_DIR": str(data),
+        "EXTAUTHZ_LOG_LEVEL": "debug",
+        "EXTAUTHZ_LAST_USED_FLUSH": "0.5s",
+    }
     for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
         env.pop(name, None)
     runtime = Runtime.open(load_settings(environ=env))
@@ -107,7 +116,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
     envoy.start()
     port = envoy.listener_port()
-    yield Stack(f"http://127.0.0.1:{port}", port, env, runtime, backend, sidecar, envoy)
+    yield Stack(
+        f"http://127.0.0.1:{port}",
+        port,
+        env,
+        runtime,
+        backend,
+        sidecar,
+        envoy,
+        data / "sidecar.log",
+    )
     envoy.stop()
     code = stop(sidecar)
     backend.stop()

@@ -181,3 +181,15 @@ def test_last_used_time_is_written_back(stack: Stack) -> None:
     _, key_id, key = stack.new_key()
     assert get(stack.port, headers=[("x-api-key", key)]).status == 200
     wait_until(lambda: stack.runtime.store.get_key(key_id).last_used_at is not None, 10, 0.2)  # type: ignore[union-attr]
+
+
+def test_no_key_ever_appears_in_the_sidecar_log(stack: Stack) -> None:
+    """After every test above (debug logging on), the sidecar's log holds none of the keys
+    used, not even their random bodies, and no query-string key."""
+    text = stack.log.read_text()
+    assert "deny reason=" in text  # debug logging really ran
+    assert stack.keys_made
+    for key in stack.keys_made:
+        assert key not in text
+        assert key.split("_")[1] not in text
+    assert "api_key=" not in text

@@ -152,3 +152,37 @@ def test_envoy_config_in_repo_matches_renderer(capsys: pytest.CaptureFixture[str
     root = Path(__file__).resolve().parents[2]
     assert code == 0
     assert out == (root / "envoy" / "envoy.yaml").read_text()
+
+
+def test_wrong_pepper_is_refused_before_any_key_silently_fails(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    """Replacing the pepper file makes every command refuse, naming the mismatch."""
+    run(capsys, "init")
+    (data_dir / "pepper").write_text("ab" * 32 + "\n")
+    code, _, err = run(capsys, "tenants", "list")
+    assert code == 1
+    assert "is not the one the database" in err
+
+
+def test_lost_pepper_is_not_silently_recreated(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    """With the database initialised and the pepper file gone, commands refuse to mint a
+    new pepper (which would invalidate every key) and say how to recover."""
+    run(capsys, "init")
+    (data_dir / "pepper").unlink()
+    code, _, err = run(capsys, "tenants", "list")
+    assert code == 1
+    assert "restore the file" in err
+    assert not (data_dir / "pepper").exists()
+
+
+def test_pepper_from_environment_needs_no_file(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EXTAUTHZ_PEPPER replaces the file: init creates none."""
+    monkeypatch.setenv("EXTAUTHZ_PEPPER", "cd" * 32)
+    result = run_json(capsys, "init")
+    assert result["pepper_file"] is None  # type: ignore[index]
+    assert not (data_dir / "pepper").exists()
