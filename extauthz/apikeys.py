@@ -56,6 +56,7 @@ class KeyResolver:
         self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
         self._last_used: dict[str, float] = {}
         self._revision = -1
+        self._generation = 0
         self.stats = {"hit": 0, "miss": 0, "negative_hit": 0}
 
     def resolve(self, presented: str) -> Resolution:
@@ -66,6 +67,7 @@ class KeyResolver:
         with self._lock:
             entry = self._hits.get(key_hash)
             negative = entry is None and key_hash in self._misses
+            generation = self._generation
         if negative:
             self.stats["negative_hit"] += 1
             return Resolution("unknown_key")
@@ -75,9 +77,11 @@ class KeyResolver:
             # response time does not tell an attacker which of the two a key is.
             found = self.store.lookup(key_hash)
             with self._lock:
-                if found is None:
+                # If the cache was dropped while we read, what we read may predate the
+                # change that dropped it: use it for this request, but do not cache it.
+                if generation == self._generation and found is None:
                     self._misses[key_hash] = True
-                else:
+                elif generation == self._generation and found is not None:
                     self._hits[key_hash] = found
             if found is None:
                 # The same constant-time compare a found key gets, so that a miss does
@@ -103,6 +107,7 @@ class KeyResolver:
 
     def invalidate(self) -> None:
         with self._lock:
+            self._generation += 1
             self._hits.clear()
             self._misses.clear()
 

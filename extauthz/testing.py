@@ -34,17 +34,19 @@ class CountingStore(MemoryStore):
         super().__init__()
         self.lookups = 0
         self.fail: Exception | None = None
-        self.gate: threading.Event | None = None  # lookups wait on it when set
+        self.gate: threading.Event | None = None  # lookups wait on it, after reading
         self.entered = threading.Event()
 
     def lookup(self, key_hash: bytes) -> tuple[APIKey, Tenant] | None:
         self.lookups += 1
+        if self.fail is not None:
+            raise self.fail
+        found = super().lookup(key_hash)
+        # Signal and wait after reading, so a test can change the store "mid-lookup".
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
-        if self.fail is not None:
-            raise self.fail
-        return super().lookup(key_hash)
+        return found
 
 
 def headers(**values: Any) -> dict[str, str]:

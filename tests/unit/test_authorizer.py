@@ -250,3 +250,24 @@ def test_deny_bodies_never_echo_the_presented_key(
     for hdrs in ({"x_api_key": key}, {"x_api_key": key + "x"}, {"authorization": f"Bearer {key}"}):
         decision = check(authorizer, **hdrs)
         assert key not in decision.body.decode() + repr(decision)
+
+
+def test_lookup_racing_a_revocation_is_not_cached(
+    authorizer: Authorizer, store: CountingStore, keys: APIKeyManager, acme_key: tuple[str, str]
+) -> None:
+    """A lookup that read the key just before it was revoked may answer that one request,
+    but must not put the stale 'active' entry back into the cache after it was dropped."""
+    import threading
+
+    key_id, key = acme_key
+    store.gate = threading.Event()
+    results: list[Decision] = []
+    reader = threading.Thread(target=lambda: results.append(check(authorizer, x_api_key=key)))
+    reader.start()
+    assert store.entered.wait(5)  # the reader has read the row as active
+    keys.revoke_key(key_id)  # commits and drops the cache while the reader is mid-lookup
+    store.gate.set()
+    reader.join(5)
+    store.gate = None
+    assert results[0].allowed
+    assert check(authorizer, x_api_key=key).reason == "key_revoked"
