@@ -133,6 +133,9 @@ class Upkeep(threading.Thread):
                     self.runtime.resolver.flush_last_used()
             except ExtauthzError as exc:
                 log.warning("store upkeep failed: %s", exc)
+            except Exception:
+                # Keep polling: a dead upkeep thread would silently stop revocations.
+                log.exception("store upkeep failed unexpectedly")
 
     def stop(self) -> None:
         self.stopping.set()

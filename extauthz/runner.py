@@ -14,7 +14,7 @@ from extauthz.app import Runtime, Sidecar, wait_for_signal
 from extauthz.demo import EchoBackend
 from extauthz.envoyconf import parse_hostport, render, to_yaml
 from extauthz.errors import ConfigError
-from extauthz.launcher import EnvoyProcess
+from extauthz.launcher import EnvoyError, EnvoyProcess
 from extauthz.settings import Settings
 
 log = logging.getLogger("extauthz")
@@ -38,46 +38,63 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _up(
     args: argparse.Namespace, runtime: Runtime, upstream: tuple[str, int], ready: dict[str, Any]
 ) -> int:
+    listen = parse_hostport(args.listen, "--listen")
+    admin = parse_hostport(args.admin, "--admin")
     sidecar = Sidecar(runtime)
     grpc_port = sidecar.start(args.grpc_addr or "127.0.0.1:0")
-    listen = parse_hostport(args.listen, "--listen")
     config = render(
         listen=listen,
         upstream=upstream,
         authz=[("127.0.0.1", grpc_port)],
-        admin=parse_hostport(args.admin, "--admin"),
+        admin=admin,
         timeout=args.authz_timeout,
     )
-    with tempfile.TemporaryDirectory(prefix="extauthz-up-") as workdir:
-        envoy = EnvoyProcess(config, Path(workdir), args.envoy_concurrency)
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="extauthz-up-") as workdir:
+            envoy = EnvoyProcess(config, Path(workdir), args.envoy_concurrency)
             try:
-                envoy.start()
-            except ConfigError:
-                raise
-            except Exception as exc:
-                hint = " (is the port in use? choose another with --listen)"
-                raise ConfigError(f"Envoy did not start{hint}: {exc}") from None
-            port = envoy.listener_port()
-            url = f"http://{'[' + listen[0] + ']' if ':' in listen[0] else listen[0]}:{port}"
-            ready.update(
-                url=url,
-                envoy_admin=envoy.admin_url,
-                grpc_port=grpc_port,
-                upstream=f"http://{upstream[0]}:{upstream[1]}",
-            )
-            if args.json:
-                print(json.dumps(ready), flush=True)
-            else:
-                _print_ready(ready)
-            cause = wait_for_signal(envoy.alive)
-            if cause == "exited":
-                log.error("Envoy exited unexpectedly:\n%s", envoy.log_tail())
-                return 1
-            print("\nstopping Envoy and extauthz ...", file=sys.stderr)
-        finally:
-            envoy.stop()
-            sidecar.stop()
+                return _run_envoy(
+                    args, envoy, listen=listen, upstream=upstream, grpc_port=grpc_port, ready=ready
+                )
+            finally:
+                envoy.stop()
+    finally:
+        sidecar.stop()
+
+
+def _run_envoy(
+    args: argparse.Namespace,
+    envoy: EnvoyProcess,
+    *,
+    listen: tuple[str, int],
+    upstream: tuple[str, int],
+    grpc_port: int,
+    ready: dict[str, Any],
+) -> int:
+    try:
+        envoy.start()
+    except EnvoyError as exc:
+        if "in use" in str(exc):
+            raise ConfigError(
+                f"cannot listen on {args.listen} (or {args.admin}): the address is in use; "
+                "choose another with --listen / --admin"
+            ) from None
+        raise
+    host = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+    ready.update(
+        url=f"http://{host}:{envoy.listener_port()}",
+        envoy_admin=envoy.admin_url,
+        grpc_port=grpc_port,
+        upstream=f"http://{upstream[0]}:{upstream[1]}",
+    )
+    if args.json:
+        print(json.dumps(ready), flush=True)
+    else:
+        _print_ready(ready)
+    if wait_for_signal(envoy.alive) == "exited":
+        log.error("Envoy exited unexpectedly:\n%s", envoy.log_tail())
+        return 1
+    print("\nstopping Envoy and extauthz ...", file=sys.stderr)
     return 0
 
 
