@@ -271,3 +271,19 @@ def test_lookup_racing_a_revocation_is_not_cached(
     store.gate = None
     assert results[0].allowed
     assert check(authorizer, x_api_key=key).reason == "key_revoked"
+
+
+def test_unknown_and_revoked_keys_take_the_same_path(
+    authorizer: Authorizer, store: CountingStore, keys: APIKeyManager, acme_key: tuple[str, str]
+) -> None:
+    """BAD_INPUTS #8: an unknown key and a revoked key each cost one lookup, and each is
+    cached after it (the time difference is measured by `python -m bench.core`)."""
+    from extauthz.keys import generate_key
+
+    key_id, revoked = acme_key
+    keys.revoke_key(key_id)
+    for presented in (generate_key(), revoked):
+        before = store.lookups
+        check(authorizer, x_api_key=presented)
+        check(authorizer, x_api_key=presented)
+        assert store.lookups == before + 1
