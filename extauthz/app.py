@@ -17,11 +17,14 @@ from types import FrameType
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.authorizer import Authorizer
 from extauthz.clock import SYSTEM_CLOCK, Clock
+from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
 from extauthz.keys import Pepper, check_prefix
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
 from extauthz.tenants import TenantManager
+from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
+from extauthz.transport.http_authz import HttpAuthzThread
 
 log = logging.getLogger("extauthz")
 
@@ -147,37 +150,55 @@ class Upkeep(threading.Thread):
 
 
 class Sidecar:
-    """The running authorization service: gRPC Check plus upkeep."""
+    """The running authorization service: gRPC Check and/or the HTTP-service endpoint,
+    plus upkeep. Both transports share one Authorizer (one cache, one store)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
-
+    def __init__(self, runtime: Runtime, mode: str | None = None) -> None:
         self.runtime = runtime
-        self.authz = GrpcAuthz(runtime.authorizer())
-        self.grpc = GrpcServer([self.authz.handler()], workers=runtime.settings.grpc_workers)
+        self.mode = mode or runtime.settings.mode
+        self.authorizer = runtime.authorizer()
         self.upkeep = Upkeep(runtime)
-        self.grpc_port = 0
+        self.grpc: GrpcServer | None = None
+        self.http: HttpAuthzThread | None = None
+        self.ports: dict[str, int] = {}
 
-    def start(self, grpc_addr: str | None = None) -> int:
-        addr = grpc_addr or self.runtime.settings.grpc_addr
+    def start(self, grpc_addr: str | None = None, http_addr: str | None = None) -> dict[str, int]:
+        """Bind and start; returns the bound ports, e.g. ``{"grpc_port": 9001}``."""
+        settings = self.runtime.settings
         try:
-            self.grpc_port = self.grpc.bind(addr)
+            if self.mode in ("grpc", "both"):
+                addr = grpc_addr or settings.grpc_addr
+                self.grpc = GrpcServer(
+                    [GrpcAuthz(self.authorizer).handler()], workers=settings.grpc_workers
+                )
+                self.ports["grpc_port"] = self.grpc.bind(addr)
+            if self.mode in ("http", "both"):
+                host, port = parse_hostport(http_addr or settings.http_addr, "http address")
+                self.http = HttpAuthzThread(self.authorizer)
+                self.ports["http_port"] = self.http.start(host, port)
         except OSError as exc:
-            raise ConfigError(f"{exc} (set EXTAUTHZ_GRPC_ADDR or --grpc-addr)") from None
+            self._stop_transports(0)
+            raise ConfigError(f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR)") from None
         self.runtime.resolver.refresh()
         self.upkeep.start()
-        self.grpc.start()
-        host = addr.rsplit(":", 1)[0]
-        log.info("ext_authz gRPC listening on %s:%d", host, self.grpc_port)
-        return self.grpc_port
+        if self.grpc is not None:
+            self.grpc.start()
+        for name, port in self.ports.items():
+            log.info("ext_authz %s listening on port %d", name.split("_")[0], port)
+        return self.ports
+
+    def _stop_transports(self, grace: float) -> None:
+        if self.grpc is not None:
+            self.grpc.stop(grace)
+        if self.http is not None:
+            self.http.stop(grace)
 
     def stop(self) -> None:
-        log.info(
-            "stopping: answering in-flight checks (up to %.1fs)",
-            self.runtime.settings.shutdown_grace,
-        )
-        self.grpc.stop(self.runtime.settings.shutdown_grace)
-        self.upkeep.stop()
+        grace = self.runtime.settings.shutdown_grace
+        log.info("stopping: answering in-flight checks (up to %.1fs)", grace)
+        self._stop_transports(grace)
+        if self.upkeep.is_alive():
+            self.upkeep.stop()
         log.info("stopped")
 
 

@@ -73,6 +73,17 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], http2: bool) -> dict[s
     return cluster
 
 
+# What Envoy forwards to the sidecar besides method, path and host. Fewer headers means
+# less work per check; tenant identity headers are never forwarded (they come from us).
+FORWARDED = ("x-request-id", "x-forwarded-for")
+UPSTREAM_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
+CLIENT_HEADERS = ("content-type", "cache-control", "www-authenticate", "retry-after")
+
+
+def _matchers(names: tuple[str, ...]) -> dict[str, Any]:
+    return {"patterns": [{"exact": n, "ignore_case": True} for n in names]}
+
+
 def render(
     *,
     listen: tuple[str, int],
@@ -80,15 +91,39 @@ def render(
     authz: list[tuple[str, int]],
     admin: tuple[str, int] = ("127.0.0.1", 9901),
     timeout: float = 0.5,
+    mode: str = "grpc",
+    key_headers: tuple[str, ...] = ("x-api-key", "authorization"),
 ) -> dict[str, Any]:
-    ext_authz = {
+    """An Envoy bootstrap: ``listen`` -> ext_authz (``mode`` grpc or http) -> ``upstream``."""
+    ext_authz: dict[str, Any] = {
         "transport_api_version": "V3",
         # Explicit, although these are Envoy's defaults: a failed or timed-out check
         # must never let a request through.
         "failure_mode_allow": False,
         "status_on_error": {"code": "ServiceUnavailable"},
-        "grpc_service": {"envoy_grpc": {"cluster_name": "extauthz"}, "timeout": f"{timeout}s"},
+        "allowed_headers": _matchers(tuple(dict.fromkeys(key_headers + FORWARDED))),
     }
+    if mode == "grpc":
+        ext_authz["grpc_service"] = {
+            "envoy_grpc": {"cluster_name": "extauthz"},
+            "timeout": f"{timeout}s",
+        }
+    elif mode == "http":
+        host, port = authz[0]
+        ext_authz["http_service"] = {
+            "server_uri": {
+                "uri": f"http://{host}:{port}",
+                "cluster": "extauthz",
+                "timeout": f"{timeout}s",
+            },
+            "authorization_response": {
+                # Set on the upstream request, replacing any client-sent copy.
+                "allowed_upstream_headers": _matchers(UPSTREAM_HEADERS),
+                "allowed_client_headers": _matchers(CLIENT_HEADERS),
+            },
+        }
+    else:
+        raise ConfigError(f"Envoy config mode must be grpc or http, not {mode!r}")
     hcm = {
         "@type": HCM,
         "stat_prefix": "ingress",
@@ -140,7 +175,7 @@ def render(
             ],
             "clusters": [
                 _cluster("upstream", [upstream], http2=False),
-                _cluster("extauthz", authz, http2=True),
+                _cluster("extauthz", authz, http2=mode == "grpc"),
             ],
         },
     }

@@ -15,18 +15,18 @@ from extauthz.demo import EchoBackend
 from extauthz.envoyconf import parse_hostport, render, to_yaml
 from extauthz.errors import ConfigError
 from extauthz.launcher import EnvoyError, EnvoyProcess
-from extauthz.settings import Settings
+from extauthz.settings import MODES, Settings
 
 log = logging.getLogger("extauthz")
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     runtime = Runtime.open(settings)
-    sidecar = Sidecar(runtime)
+    sidecar = Sidecar(runtime, args.mode)
     try:
-        port = sidecar.start(args.grpc_addr)
+        ports = sidecar.start(args.grpc_addr, args.http_addr)
         if args.json:
-            print(json.dumps({"grpc_port": port}), flush=True)
+            print(json.dumps(ports), flush=True)
         cause = wait_for_signal()
         log.info("received %s", cause)
         sidecar.stop()
@@ -40,22 +40,24 @@ def _up(
 ) -> int:
     listen = parse_hostport(args.listen, "--listen")
     admin = parse_hostport(args.admin, "--admin")
-    sidecar = Sidecar(runtime)
-    grpc_port = sidecar.start(args.grpc_addr or "127.0.0.1:0")
+    mode = args.mode or ("http" if runtime.settings.mode == "http" else "grpc")
+    sidecar = Sidecar(runtime, mode)
+    ports = sidecar.start(args.grpc_addr or "127.0.0.1:0", "127.0.0.1:0")
     config = render(
         listen=listen,
         upstream=upstream,
-        authz=[("127.0.0.1", grpc_port)],
+        authz=[("127.0.0.1", ports[f"{mode}_port"])],
         admin=admin,
         timeout=args.authz_timeout,
+        mode=mode,
+        key_headers=runtime.settings.key_headers,
     )
+    ready.update(mode=mode, **ports)
     try:
         with tempfile.TemporaryDirectory(prefix="extauthz-up-") as workdir:
             envoy = EnvoyProcess(config, Path(workdir), args.envoy_concurrency)
             try:
-                return _run_envoy(
-                    args, envoy, listen=listen, upstream=upstream, grpc_port=grpc_port, ready=ready
-                )
+                return _run_envoy(args, envoy, listen=listen, upstream=upstream, ready=ready)
             finally:
                 envoy.stop()
     finally:
@@ -68,7 +70,6 @@ def _run_envoy(
     *,
     listen: tuple[str, int],
     upstream: tuple[str, int],
-    grpc_port: int,
     ready: dict[str, Any],
 ) -> int:
     try:
@@ -84,7 +85,6 @@ def _run_envoy(
     ready.update(
         url=f"http://{host}:{envoy.listener_port()}",
         envoy_admin=envoy.admin_url,
-        grpc_port=grpc_port,
         upstream=f"http://{upstream[0]}:{upstream[1]}",
     )
     if args.json:
@@ -102,7 +102,8 @@ def _print_ready(ready: dict[str, Any]) -> None:
     print(f"extauthz is protecting {ready['upstream']}")
     print(f"  send traffic to:  {ready['url']}")
     print(f"  Envoy admin:      {ready['envoy_admin']}")
-    print(f"  ext_authz gRPC:   127.0.0.1:{ready['grpc_port']}")
+    port = ready[f"{ready['mode']}_port"]
+    print(f"  ext_authz:        {ready['mode']} on 127.0.0.1:{port}")
     if "key" in ready:
         print("\nTry it (the demo key was created just now and is shown only here):")
         print(f"  curl -i {ready['url']}/hello                                   # 401, no key")
@@ -135,7 +136,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
-    authz = [parse_hostport(a, "--authz") for a in (args.authz or [settings.grpc_addr])]
+    default = settings.http_addr if args.mode == "http" else settings.grpc_addr
+    authz = [parse_hostport(a, "--authz") for a in (args.authz or [default])]
     text = to_yaml(
         render(
             listen=parse_hostport(args.listen, "--listen"),
@@ -143,6 +145,8 @@ def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
             authz=authz,
             admin=parse_hostport(args.admin, "--admin"),
             timeout=args.authz_timeout,
+            mode=args.mode,
+            key_headers=settings.key_headers,
         )
     )
     if args.output:
@@ -172,11 +176,27 @@ def _envoy_options(cmd: Any, listen_default: str) -> None:
         metavar="SECONDS",
         help="Envoy's ext_authz timeout; on timeout the request gets 503",
     )
+    cmd.add_argument(
+        "--mode",
+        choices=("grpc", "http"),
+        help="how Envoy calls extauthz: gRPC Check or the HTTP service (default grpc, "
+        "or http when EXTAUTHZ_MODE=http)",
+    )
+    cmd.add_argument(
+        "--grpc-addr", metavar="HOST:PORT", help="sidecar gRPC address (default: free port)"
+    )
+    cmd.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
 
 
 def add_commands(sub: Any, add: Any) -> None:
-    c = add(sub, "serve", cmd_serve, "run the ext_authz gRPC server")
-    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="listen address (EXTAUTHZ_GRPC_ADDR)")
+    c = add(sub, "serve", cmd_serve, "run the ext_authz sidecar (gRPC and/or HTTP service)")
+    c.add_argument(
+        "--mode",
+        choices=MODES,
+        help="grpc (Check v3), http (Envoy's http_service) or both (EXTAUTHZ_MODE)",
+    )
+    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC address (EXTAUTHZ_GRPC_ADDR)")
+    c.add_argument("--http-addr", metavar="HOST:PORT", help="HTTP address (EXTAUTHZ_HTTP_ADDR)")
 
     c = add(sub, "up", cmd_up, "run Envoy + extauthz in front of an HTTP upstream")
     c.add_argument(
@@ -186,13 +206,9 @@ def add_commands(sub: Any, add: Any) -> None:
         help="the backend to protect, e.g. http://127.0.0.1:8000",
     )
     _envoy_options(c, "127.0.0.1:8080")
-    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="sidecar address (default: free port)")
-    c.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
 
     c = add(sub, "demo", cmd_demo, "run a demo backend behind Envoy + extauthz, with a demo key")
     _envoy_options(c, "127.0.0.1:8080")
-    c.add_argument("--grpc-addr", metavar="HOST:PORT", help="sidecar address (default: free port)")
-    c.add_argument("--envoy-concurrency", type=int, metavar="N", help="Envoy worker threads")
 
     c = add(
         sub, "envoy-config", cmd_envoy_config, "print an Envoy config for extauthz", json_flag=False
@@ -200,11 +216,13 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument("--upstream", default="127.0.0.1:8000", metavar="HOST:PORT")
     c.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
     c.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT")
+    c.add_argument("--mode", choices=("grpc", "http"), default="grpc", help="default grpc")
     c.add_argument(
         "--authz",
         action="append",
         metavar="HOST:PORT",
-        help="an extauthz endpoint; repeat for several (default EXTAUTHZ_GRPC_ADDR)",
+        help="an extauthz endpoint; repeat for several (default EXTAUTHZ_GRPC_ADDR, "
+        "or EXTAUTHZ_HTTP_ADDR with --mode http)",
     )
     c.add_argument("--authz-timeout", type=float, default=0.5, metavar="SECONDS")
     c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")

@@ -20,6 +20,7 @@ import yaml
 from extauthz.errors import ConfigError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?")
+MODES = ("grpc", "http", "both")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
@@ -48,7 +49,9 @@ class Settings:
     database_url: str = ""  # default: sqlite file in data_dir
     pepper_file: Path | None = None  # default: data_dir/pepper
     pepper: str = field(default="", repr=False)
+    mode: str = "grpc"
     grpc_addr: str = "127.0.0.1:9001"
+    http_addr: str = "127.0.0.1:9002"
     grpc_workers: int = 4
     key_headers: tuple[str, ...] = ("x-api-key", "authorization")
     key_prefix: str = "nk"
@@ -99,6 +102,13 @@ def _level(value: object, what: str) -> str:
     return level
 
 
+def _mode(value: object, what: str) -> str:
+    mode = str(value).lower()
+    if mode not in MODES:
+        raise ConfigError(f"{what}: use grpc, http or both")
+    return mode
+
+
 def _header_names(value: Any, what: str) -> tuple[str, ...]:
     names = _names(value, what)
     if not names:
@@ -111,7 +121,9 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "database_url": lambda v, w: str(v),
     "pepper_file": lambda v, w: Path(str(v)).expanduser(),
     "pepper": lambda v, w: str(v),
+    "mode": _mode,
     "grpc_addr": lambda v, w: str(v),
+    "http_addr": lambda v, w: str(v),
     "grpc_workers": _positive_int,
     "key_headers": _header_names,
     "key_prefix": lambda v, w: str(v),

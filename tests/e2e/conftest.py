@@ -28,11 +28,13 @@ def extauthz_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "extauthz", *args]
 
 
-def start_sidecar(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], int]:
-    """`extauthz serve` on a free port; returns the process and its gRPC port."""
+def start_sidecar(
+    env: dict[str, str], log: Path, mode: str = "grpc"
+) -> tuple[subprocess.Popen[str], int]:
+    """`extauthz serve --mode MODE` on a free port; returns the process and its port."""
     with log.open("w") as err:
         proc = subprocess.Popen(
-            extauthz_cmd("serve", "--grpc-addr", "127.0.0.1:0", "--json"),
+            extauthz_cmd("serve", "--mode", mode, f"--{mode}-addr", "127.0.0.1:0", "--json"),
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -43,7 +45,7 @@ def start_sidecar(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str]
     if not line:
         stop(proc)
         pytest.fail(f"extauthz serve did not start: {log.read_text()}")
-    return proc, int(json.loads(line)["grpc_port"])
+    return proc, int(json.loads(line)[f"{mode}_port"])
 
 
 def stop(proc: subprocess.Popen[str]) -> int:
@@ -92,9 +94,13 @@ class Stack:
         )
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data = tmp_path_factory.mktemp("stack")
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The whole stack, once with Envoy calling us over gRPC and once over HTTP."""
+    mode = request.param
+    data = tmp_path_factory.mktemp(f"stack-{mode}")
     # Debug logging, so the secrets test below has every log line there is to search.
     env = {
         **os.environ,
@@ -106,12 +112,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env.pop(name, None)
     runtime = Runtime.open(load_settings(environ=env))
     backend = EchoBackend().start()
-    sidecar, grpc_port = start_sidecar(env, data / "sidecar.log")
+    sidecar, authz_port = start_sidecar(env, data / "sidecar.log", mode)
     config = render(
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", backend.port),
-        authz=[("127.0.0.1", grpc_port)],
+        authz=[("127.0.0.1", authz_port)],
         admin=("127.0.0.1", 0),
+        mode=mode,
     )
     envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
     envoy.start()

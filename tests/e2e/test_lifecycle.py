@@ -28,10 +28,11 @@ def clean_env(data: Path) -> dict[str, str]:
     return env
 
 
-def test_repo_envoy_config_validates_with_real_envoy() -> None:
-    """envoy/envoy.yaml passes `envoy --mode validate` (Envoy 1.40 from the wheel)."""
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml"])
+def test_repo_envoy_config_validates_with_real_envoy(name: str) -> None:
+    """envoy/*.yaml pass `envoy --mode validate` (Envoy 1.40 from the wheel)."""
     result = subprocess.run(
-        [find_envoy(), "--mode", "validate", "-c", str(ROOT / "envoy" / "envoy.yaml")],
+        [find_envoy(), "--mode", "validate", "-c", str(ROOT / "envoy" / name)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -41,14 +42,15 @@ def test_repo_envoy_config_validates_with_real_envoy() -> None:
     assert "OK" in result.stdout + result.stderr
 
 
-def test_repo_envoy_config_is_explicit_about_failure_handling() -> None:
-    """The shipped config states fail-closed, the status on error, a timeout and HTTP/2."""
-    text = (ROOT / "envoy" / "envoy.yaml").read_text()
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml"])
+def test_repo_envoy_config_is_explicit_about_failure_handling(name: str) -> None:
+    """The shipped configs state fail-closed, the status on error, a timeout, and the
+    edge settings that keep x-request-id and paths trustworthy."""
+    text = (ROOT / "envoy" / name).read_text()
     for needle in (
         "failure_mode_allow: false",
         "status_on_error",
         "timeout: 0.5s",
-        "http2_protocol_options",
         "normalize_path: true",
         "merge_slashes: true",
         "use_remote_address: true",
@@ -57,7 +59,8 @@ def test_repo_envoy_config_is_explicit_about_failure_handling() -> None:
         assert needle in text, needle
 
 
-def test_sidecar_down_means_503_never_allow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_sidecar_down_means_503_never_allow(tmp_path: Path, mode: str) -> None:
     """With nothing listening on the ext_authz port, Envoy answers 503 and the backend is
     never reached (failure_mode_allow: false)."""
     with socket.socket() as sock:
@@ -70,6 +73,7 @@ def test_sidecar_down_means_503_never_allow(tmp_path: Path) -> None:
             upstream=("127.0.0.1", backend.port),
             authz=[("127.0.0.1", dead_port)],
             admin=("127.0.0.1", 0),
+            mode=mode,
         ),
         tmp_path,
         concurrency=1,
@@ -84,19 +88,23 @@ def test_sidecar_down_means_503_never_allow(tmp_path: Path) -> None:
         backend.stop()
 
 
-def test_sigterm_stops_serve_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_sigterm_stops_serve_cleanly(tmp_path: Path, mode: str) -> None:
     """`extauthz serve` exits 0 on SIGTERM and logs that it stopped."""
     log = tmp_path / "serve.log"
-    proc, _ = start_sidecar(clean_env(tmp_path), log)
+    proc, _ = start_sidecar(clean_env(tmp_path), log, mode)
     assert stop(proc) == 0
     assert "stopped" in log.read_text()
 
 
-def test_demo_shows_401_without_key_and_200_with_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_demo_shows_401_without_key_and_200_with_it(tmp_path: Path, mode: str) -> None:
     """`extauthz demo` starts backend + Envoy + sidecar and its printed key works; Ctrl-C
     (SIGINT) stops everything with exit 0."""
     proc = subprocess.Popen(
-        extauthz_cmd("demo", "--listen", "127.0.0.1:0", "--envoy-concurrency", "1", "--json"),
+        extauthz_cmd(
+            "demo", "--mode", mode, "--listen", "127.0.0.1:0", "--envoy-concurrency", "1", "--json"
+        ),
         env=clean_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

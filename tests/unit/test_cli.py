@@ -146,12 +146,19 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage: extauthz" in capsys.readouterr().out
 
 
-def test_envoy_config_in_repo_matches_renderer(capsys: pytest.CaptureFixture[str]) -> None:
-    """envoy/envoy.yaml is exactly what `extauthz envoy-config` prints for the defaults."""
-    code, out, _ = run(capsys, "envoy-config", "--authz", "127.0.0.1:9001")
+@pytest.mark.parametrize(
+    ("mode", "authz", "name"),
+    [("grpc", "127.0.0.1:9001", "envoy.yaml"), ("http", "127.0.0.1:9002", "envoy-http.yaml")],
+)
+def test_envoy_config_in_repo_matches_renderer(
+    capsys: pytest.CaptureFixture[str], mode: str, authz: str, name: str
+) -> None:
+    """envoy/envoy.yaml and envoy/envoy-http.yaml are exactly what `extauthz envoy-config`
+    prints for the defaults, so the shipped files and `up` never drift apart."""
+    code, out, _ = run(capsys, "envoy-config", "--mode", mode, "--authz", authz)
     root = Path(__file__).resolve().parents[2]
     assert code == 0
-    assert out == (root / "envoy" / "envoy.yaml").read_text()
+    assert out == (root / "envoy" / name).read_text()
 
 
 def test_wrong_pepper_is_refused_before_any_key_silently_fails(

@@ -1,0 +1,145 @@
+"""The HTTP-service adapter on a real uvloop server on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from extauthz.authorizer import Authorizer
+from extauthz.model import CheckInput, Decision
+from extauthz.transport.http_authz import MAX_HEAD_BYTES, HttpAuthzThread
+
+
+@pytest.fixture
+def port(authorizer: Authorizer) -> Iterator[int]:
+    server = HttpAuthzThread(authorizer)
+    bound = server.start("127.0.0.1", 0)
+    yield bound
+    server.stop(1)
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes or a full response has arrived."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep and b"content-length:" in head:
+                length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    break
+    return data
+
+
+def request(path: str = "/v1", *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "host: api", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_allow_is_200_with_identity_headers_and_key_removal(
+    port: int, acme_key: tuple[str, str]
+) -> None:
+    """A valid key: 200 with x-tenant-* headers and x-envoy-auth-headers-to-remove."""
+    reply = exchange(port, request("/v1", f"x-api-key: {acme_key[1]}"))
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"x-tenant-id: acme\r\n" in reply
+    assert b"x-tenant-tier: professional\r\n" in reply
+    assert f"x-api-key-id: {acme_key[0]}\r\n".encode() in reply
+    assert b"x-envoy-auth-headers-to-remove: x-api-key\r\n" in reply
+
+
+def test_deny_is_the_client_answer(port: int) -> None:
+    """No key: 401 with JSON body and WWW-Authenticate, as the client will see it."""
+    reply = exchange(port, request())
+    assert reply.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b'www-authenticate: Bearer realm="extauthz"' in reply
+    assert reply.endswith(b"}")
+    assert b'"error": "missing_key"' in reply
+
+
+def test_repeated_key_headers_stay_separate_and_are_refused(
+    port: int, acme_key: tuple[str, str]
+) -> None:
+    """Two x-api-key lines are seen as two keys (never the first or last): 401."""
+    key = acme_key[1]
+    reply = exchange(port, request("/v1", f"x-api-key: {key}", f"x-api-key: {key}"))
+    assert b'"error": "multiple_keys"' in reply
+
+
+def test_keep_alive_answers_requests_in_order(port: int, acme_key: tuple[str, str]) -> None:
+    """Pipelined requests on one connection are answered in order."""
+    both = request("/v1") + request("/v1", f"x-api-key: {acme_key[1]}")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(both)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"\r\n\r\n"):
+            data += sock.recv(65536)
+    first, second = data.index(b"HTTP/1.1 401"), data.index(b"HTTP/1.1 200")
+    assert first < second
+
+
+def test_garbage_gets_400_and_close(port: int) -> None:
+    """Bytes that are not HTTP get an explicit 400 and the connection is closed."""
+    reply = exchange(port, b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in reply
+
+
+def test_oversized_head_gets_431(port: int) -> None:
+    """Headers beyond the cap get 431 before they are parsed further or checked."""
+    reply = exchange(port, request("/v1", "x-junk: " + "a" * (MAX_HEAD_BYTES + 10)))
+    assert reply.startswith(b"HTTP/1.1 431 ")
+
+
+class _Boom(Authorizer):
+    def check(self, request: CheckInput) -> Decision:
+        raise RuntimeError("bug")
+
+
+def test_unexpected_error_becomes_explicit_503(authorizer: Authorizer) -> None:
+    """A bug in the core yields 503 internal_error, never a dropped connection."""
+    server = HttpAuthzThread(_Boom(authorizer.resolver))
+    bound = server.start("127.0.0.1", 0)
+    try:
+        reply = exchange(bound, request())
+    finally:
+        server.stop(1)
+    assert reply.startswith(b"HTTP/1.1 503 ")
+    assert b"internal_error" in reply
+
+
+def test_port_in_use_is_a_clear_error(port: int, authorizer: Authorizer) -> None:
+    """A second server on a port already taken raises OSError naming the address."""
+    second = HttpAuthzThread(authorizer)
+    with pytest.raises(OSError, match="cannot listen"):
+        second.start("127.0.0.1", port)
+    second.stop(0)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(payload=st.binary(min_size=1, max_size=300))
+def test_fuzzed_bytes_get_an_http_answer_or_close(port: int, payload: bytes) -> None:
+    """Random bytes never crash the server: it answers 4xx, or waits for more and we
+    time out, and the next real request still works."""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+        sock.sendall(payload + b"\r\n\r\n")
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            data = b""
+    assert data == b"" or data.startswith(b"HTTP/1.1 4")
+    assert exchange(port, request()).startswith(b"HTTP/1.1 401")
