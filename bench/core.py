@@ -37,11 +37,8 @@ def per_call_us(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def measure(n: int = 20000) -> dict[str, float]:
+    """Microseconds per call for each measured path (see the module docstring)."""
     tmp = tempfile.mkdtemp(prefix="extauthz-bench-")
     store = open_store(f"sqlite:///{Path(tmp) / 'b.db'}")
     pepper = Pepper(b"b" * 32)
@@ -62,25 +59,24 @@ def main() -> None:
                     id="r1",
                     headers={
                         "x-api-key": key,
-                        "user-agent": "bench",
                         ":authority": "api",
+                        ":method": "GET",
+                        ":path": "/v1/items",
                         "x-request-id": "r1",
-                        "accept": "*/*",
                     },
                 )
             )
         )
     ).SerializeToString()
     grpc_authz = GrpcAuthz(authorizer)
-
     results = {
-        "decision_cache_hit_us": per_call_us(lambda: authorizer.check(request), args.n),
+        "decision_cache_hit_us": per_call_us(lambda: authorizer.check(request), n),
         "grpc_adapter_cache_hit_us": per_call_us(
-            lambda: grpc_authz.check(raw, None),
-            args.n,  # type: ignore[arg-type]
+            lambda: grpc_authz.check(raw, None),  # type: ignore[arg-type]
+            n,
         ),
     }
-    # Cache misses: invalidate before every call so each one reaches SQLite.
+    # Cache misses, interleaved: invalidate before every call so each reaches SQLite.
     unknown = [generate_key() for _ in range(2000)]
     samples: dict[str, list[float]] = {"unknown": [], "revoked": []}
     for i in range(2000):
@@ -92,6 +88,15 @@ def main() -> None:
     results["miss_unknown_median_us"] = statistics.median(samples["unknown"])
     results["miss_revoked_median_us"] = statistics.median(samples["revoked"])
     store.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = measure(args.n)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

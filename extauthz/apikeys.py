@@ -9,8 +9,9 @@ reach the cache through ``refresh()``, which a server polls a few times a second
 
 from __future__ import annotations
 
+import hmac
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cachetools import TTLCache
 
@@ -24,13 +25,16 @@ _Entry = tuple[APIKey, Tenant]
 _NO_HASH = bytes(32)
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
+class Resolution(NamedTuple):
     """The outcome of checking one presented key. ``reason`` is None when it is valid."""
 
     reason: str | None
     key: APIKey | None = None
     tenant: Tenant | None = None
+
+
+_MALFORMED = Resolution("malformed_key")
+_UNKNOWN = Resolution("unknown_key")
 
 
 class KeyResolver:
@@ -60,18 +64,23 @@ class KeyResolver:
         self.stats = {"hit": 0, "miss": 0, "negative_hit": 0}
 
     def resolve(self, presented: str) -> Resolution:
-        problem = self.format.problem(presented)
-        if problem is not None:
-            return Resolution(problem)
+        if not self.format.well_shaped(presented):
+            return _MALFORMED
         key_hash = self.pepper.hash_key(presented)
         with self._lock:
-            entry = self._hits.get(key_hash)
-            negative = entry is None and key_hash in self._misses
+            try:
+                entry: _Entry | None = self._hits[key_hash]
+                negative = False
+            except KeyError:
+                entry, negative = None, key_hash in self._misses
             generation = self._generation
         if negative:
             self.stats["negative_hit"] += 1
-            return Resolution("unknown_key")
+            return _UNKNOWN
         if entry is None:
+            problem = self.format.problem(presented)
+            if problem is not None:  # a bad checksum never reaches the store
+                return Resolution(problem)
             self.stats["miss"] += 1
             # Unknown and known-but-revoked keys both cost exactly one lookup here, so
             # response time does not tell an attacker which of the two a key is.
@@ -86,24 +95,30 @@ class KeyResolver:
             if found is None:
                 # The same constant-time compare a found key gets, so that a miss does
                 # not answer measurably faster than a revoked key.
-                self.pepper.matches(presented, _NO_HASH)
-                return Resolution("unknown_key")
+                hmac.compare_digest(key_hash, _NO_HASH)
+                return _UNKNOWN
             entry = found
         else:
             self.stats["hit"] += 1
         key, tenant = entry
-        # The store found the row by an index on the hash; compare again in constant time.
-        if not self.pepper.matches(presented, key.key_hash):
-            return Resolution("unknown_key")
+        # Found by an index (or dict) on the hash: compare once more in constant time.
+        if not hmac.compare_digest(key_hash, key.key_hash):
+            return _UNKNOWN
         now = self.clock.now()
         state = key.state_at(now)
         if state != "active":
             return Resolution("key_revoked" if state == "revoked" else "key_expired", key, tenant)
         if not tenant.is_active:
             return Resolution("tenant_suspended", key, tenant)
-        with self._lock:
-            self._last_used[key.key_id] = now
+        # No lock: flush_last_used() swaps the dict and copies it atomically; a write
+        # that lands in the old dict after the copy only loses one last-used time.
+        self._last_used[key.key_id] = now
         return Resolution(None, key, tenant)
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever the cache is dropped; lets callers drop what they built on it."""
+        return self._generation
 
     def invalidate(self) -> None:
         with self._lock:
@@ -122,10 +137,10 @@ class KeyResolver:
 
     def flush_last_used(self) -> int:
         """Write the batched last-used times to the store; returns how many keys."""
-        with self._lock:
-            pending, self._last_used = self._last_used, {}
-        self.store.touch_keys(pending)
-        return len(pending)
+        pending, self._last_used = self._last_used, {}
+        snapshot = dict(pending)  # one C-level copy: safe against concurrent writers
+        self.store.touch_keys(snapshot)
+        return len(snapshot)
 
 
 class APIKeyManager:

@@ -21,6 +21,7 @@ from extauthz.keys import MAX_KEY_LEN
 from extauthz.model import CheckInput, Decision, Principal
 
 log = logging.getLogger("extauthz.authorizer")
+MAX_CACHED_DECISIONS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,8 @@ class Authorizer:
         self.query_key_params = frozenset(query_key_params)
         # Deny answers never vary per request, so build each once.
         self.denials = {reason: deny_decision(reason, key_headers) for reason in REASONS}
+        self._allowed: dict[tuple[str, str], Decision] = {}
+        self._allowed_generation = -1
 
     def check(self, request: CheckInput) -> Decision:
         decision = self._decide(request)
@@ -117,19 +120,34 @@ class Authorizer:
         key, tenant = result.key, result.tenant
         if key is None or tenant is None:  # resolve() always sets both on success
             return self.denials["internal_error"]
-        principal = Principal(tenant.id, tenant.tier, key.key_id)
-        return Decision(
-            allowed=True,
-            status=200,
-            reason="ok",
-            principal=principal,
-            upstream_headers=(
-                ("x-tenant-id", tenant.id),
-                ("x-tenant-tier", tenant.tier.value),
-                ("x-api-key-id", key.key_id),
-            ),
-            remove_headers=(header,),
-        )
+        # The same key through the same header always gets the same answer until the
+        # cache is dropped, so build it once (transports also cache its encoding).
+        allowed = self._allowed_now()
+        decision = allowed.get((key.key_id, header))
+        if decision is None:
+            decision = Decision(
+                allowed=True,
+                status=200,
+                reason="ok",
+                principal=Principal(tenant.id, tenant.tier, key.key_id),
+                upstream_headers=(
+                    ("x-tenant-id", tenant.id),
+                    ("x-tenant-tier", tenant.tier.value),
+                    ("x-api-key-id", key.key_id),
+                ),
+                remove_headers=(header,),
+            )
+            if len(allowed) < MAX_CACHED_DECISIONS:
+                allowed[(key.key_id, header)] = decision
+        return decision
+
+    def _allowed_now(self) -> dict[tuple[str, str], Decision]:
+        generation = self.resolver.generation
+        if generation != self._allowed_generation:
+            # A new dict, not clear(): a thread still holding the old one cannot put a
+            # stale answer into the new generation.
+            self._allowed, self._allowed_generation = {}, generation
+        return self._allowed
 
     def _key_in_query(self, path: str) -> bool:
         query = path.split("?", 1)[1].split("#", 1)[0]

@@ -100,7 +100,7 @@ class _Protocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         try:
             decision = self.server.check(self._input())
-            payload = render(decision, keep_alive)
+            payload = self.server.encode(decision) if keep_alive else render(decision, False)
         except Exception:
             log.exception("check failed")  # fail closed with an explicit answer
             payload = self.server.internal_error
@@ -146,9 +146,23 @@ class HttpAuthzServer:
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"content-length: 0\r\nconnection: close\r\n\r\n"
         )
+        self._encoded: dict[int, tuple[Decision, bytes]] = {}
         self.connections: set[_Protocol] = set()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
+
+    def encode(self, decision: Decision) -> bytes:
+        """The keep-alive response for ``decision``. Deny answers and each key's allow
+        answer are built once by the authorizer, so their bytes are cached here; the
+        entry holds the decision itself so its id() cannot be recycled."""
+        cached = self._encoded.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        data = render(decision)
+        if len(self._encoded) >= 100_000:
+            self._encoded = {}
+        self._encoded[id(decision)] = (decision, data)
+        return data
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

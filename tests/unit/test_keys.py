@@ -95,3 +95,12 @@ def test_short_or_non_hex_pepper_is_refused() -> None:
         Pepper.from_hex("zz", "env")
     with pytest.raises(ConfigError, match="shorter"):
         Pepper.from_hex("ab" * 8, "env")
+
+
+@pytest.mark.parametrize("secret", [b"p" * 32, b"q" * 64, b"r" * 100, bytes(range(48))])
+def test_fast_hmac_equals_the_standard_library(secret: bytes) -> None:
+    """Pepper.hash_key is exactly HMAC-SHA256 (RFC 2104), for short and long peppers."""
+    import hmac
+
+    for key in (generate_key(), "", "ü" * 10):
+        assert Pepper(secret).hash_key(key) == hmac.digest(secret, key.encode(), "sha256")

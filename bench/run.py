@@ -1,0 +1,226 @@
+"""`python -m bench`: extauthz against Envoy alone and Envoy's built-in filters.
+
+Rounds interleave the setups (A B C D, A B C D, ...), each run on fresh processes, and
+the table reports medians; every ratio is to setup A from the same run. Needs wrk and
+h2load (`sudo apt-get install -y wrk nghttp2-client`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from envoy.service.auth.v3 import attribute_context_pb2 as ctx_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
+
+from bench import core
+from bench.load import cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
+from bench.setups import SETUPS, Running, Sidecar, bench_env
+from extauthz.app import Runtime
+from extauthz.settings import load_settings
+
+RATE_CONNECTIONS, RATE_DELAY_MS = 4, 4.0  # about 1,000 req/s
+
+
+def measure(
+    setup: str, workdir: Path, env: dict[str, str], key: str, seconds: float, workers: int
+) -> dict[str, Any]:
+    running = Running(setup, workdir, env, key, workers)
+    try:
+        headers = {"x-api-key": key}
+        wrk(running.url, 1, headers)  # warm-up: connections, caches
+        before = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
+        peak = wrk(running.url, seconds, headers)
+        after = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
+        fixed = wrk(running.url, max(2.0, seconds / 2), headers, RATE_CONNECTIONS, RATE_DELAY_MS)
+        backend = wrk(f"http://127.0.0.1:{running.backend_port}/", max(1.0, seconds / 3), {})
+    finally:
+        running.stop()
+    return {
+        "rps": peak.rps,
+        "p50_ms": peak.p50_ms,
+        "p99_ms": peak.p99_ms,
+        "bad": peak.bad,
+        "requests": peak.requests,
+        "cpu_us_per_check": (after - before) / peak.requests * 1e6 if running.sidecar else None,
+        "fixed_rps": fixed.rps,
+        "fixed_p50_ms": fixed.p50_ms,
+        "fixed_p99_ms": fixed.p99_ms,
+        "fixed_bad": fixed.bad,
+        "backend_alone_rps": backend.rps,
+    }
+
+
+def direct(workdir: Path, env: dict[str, str], key: str, seconds: float) -> dict[str, Any]:
+    """The sidecar alone, no Envoy: wrk for HTTP, h2load for gRPC."""
+    out: dict[str, Any] = {}
+    http = Sidecar("http", env, workdir)
+    try:
+        before = cpu_seconds(http.pid)
+        result = wrk(f"http://127.0.0.1:{http.ports[0]}/bench", seconds, {"x-api-key": key})
+        used = cpu_seconds(http.pid) - before
+        out["http"] = {
+            "checks_per_s": result.rps,
+            "bad": result.bad,
+            "cpu_us_per_check": used / result.requests * 1e6,
+        }
+    finally:
+        http.stop()
+    grpc = Sidecar("grpc", env, workdir)
+    try:
+        request = authz_pb2.CheckRequest(
+            attributes=ctx_pb2.AttributeContext(
+                request=ctx_pb2.AttributeContext.Request(
+                    http=ctx_pb2.AttributeContext.HttpRequest(
+                        method="GET",
+                        path="/bench",
+                        host="bench",
+                        id="r1",
+                        headers={
+                            "x-api-key": key,
+                            ":authority": "bench",
+                            ":method": "GET",
+                            ":path": "/bench",
+                            "x-request-id": "r1",
+                        },
+                    )
+                )
+            )
+        )
+        body = grpc_frame(request.SerializeToString())
+        url = f"http://127.0.0.1:{grpc.ports[0]}/envoy.service.auth.v3.Authorization/Check"
+        before = cpu_seconds(grpc.pid)
+        result = h2load_grpc(url, body, seconds)
+        used = cpu_seconds(grpc.pid) - before
+        out["grpc"] = {
+            "checks_per_s": result.rps,
+            "bad": result.bad,
+            "cpu_us_per_check": used / max(result.requests, 1) * 1e6,
+        }
+    finally:
+        grpc.stop()
+    return out
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]], chosen: str) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    for setup in chosen:
+        runs = [r[setup] for r in rounds]
+        med: dict[str, Any] = {}
+        for field in runs[0]:
+            values = [r[field] for r in runs if r[field] is not None]
+            med[field] = statistics.median(values) if values else None
+        med["ratio"] = statistics.median(r[setup]["rps"] / r["A"]["rps"] for r in rounds)
+        med["bad_total"] = sum(r["bad"] + r["fixed_bad"] for r in runs)
+        summary[setup] = med
+    for setup in chosen:
+        summary[setup]["added_p50_ms"] = (
+            summary[setup]["fixed_p50_ms"] - summary["A"]["fixed_p50_ms"]
+        )
+        summary[setup]["added_p99_ms"] = (
+            summary[setup]["fixed_p99_ms"] - summary["A"]["fixed_p99_ms"]
+        )
+    return summary
+
+
+def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    print(
+        f"\n{meta['rounds']} interleaved rounds x {meta['seconds']}s per setup, medians; "
+        f"ratios to A from the same round; wrk -t1 -c16, Envoy --concurrency 1"
+    )
+    print(
+        f"{'setup':40} {'req/s':>8} {'xA':>5} {'p50ms':>6} {'p99ms':>6} {'CPU us/chk':>10} "
+        f"| {'@~1k/s':>6} {'p50ms':>6} {'p99ms':>6} {'+p50':>6} {'+p99':>6}"
+    )
+    for setup, s in summary.items():
+        label = SETUPS[setup]
+        cpu = (
+            f"{s['cpu_us_per_check']:10.0f}" if s["cpu_us_per_check"] is not None else f"{'-':>10}"
+        )
+        print(
+            f"{setup + ' ' + label:40} {s['rps']:8.0f} {s['ratio']:5.2f} {s['p50_ms']:6.2f} "
+            f"{s['p99_ms']:6.2f} {cpu} | {s['fixed_rps']:6.0f} {s['fixed_p50_ms']:6.2f} "
+            f"{s['fixed_p99_ms']:6.2f} {s['added_p50_ms']:6.2f} {s['added_p99_ms']:6.2f}"
+        )
+    backend = min(s["backend_alone_rps"] for s in summary.values())
+    print(
+        f"backend alone (Envoy direct_response): {backend:.0f} req/s "
+        f"({backend / summary['A']['rps']:.1f}x setup A: not the bottleneck)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load time per setup")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 round of 2 s: a smoke test that every setup runs and answers",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="sidecar worker processes")
+    parser.add_argument("--setups", default="ABCD", help="which setups to run (A is always run)")
+    parser.add_argument("--output", help="JSON results file (default bench/results/<time>.json)")
+    args = parser.parse_args(argv)
+    require_tools()
+    if args.quick:
+        args.rounds, args.seconds = 1, 2.0
+    chosen = "A" + "".join(s for s in args.setups.upper() if s in "BCD")
+    with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp:
+        workdir = Path(tmp)
+        env = bench_env(workdir / "data")
+        runtime = Runtime.open(load_settings(environ=env))
+        tenant = runtime.tenants.create_tenant("bench", "enterprise")
+        _, key = runtime.keys.create_key(tenant.id, "bench")
+        runtime.close()
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for number in range(1, args.rounds + 1):
+            result: dict[str, dict[str, Any]] = {}
+            for setup in chosen:
+                print(
+                    f"round {number}/{args.rounds}: {setup} {SETUPS[setup]} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                result[setup] = measure(setup, workdir, env, key, args.seconds, args.workers)
+            rounds.append(result)
+        print("direct: the sidecar alone ...", file=sys.stderr, flush=True)
+        alone = direct(workdir, env, key, max(2.0, args.seconds / 2))
+    summary = summarize(rounds, chosen)
+    micro = core.measure(5000 if args.quick else 20000)
+    meta = {
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "workers": args.workers,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print_table(summary, meta)
+    for mode, d in alone.items():
+        print(
+            f"direct, sidecar alone ({mode}): {d['checks_per_s']:.0f} checks/s, "
+            f"{d['cpu_us_per_check']:.0f} us CPU/check, {d['bad']} bad"
+        )
+    print(
+        f"in-process decision core (cache hit): {micro['decision_cache_hit_us']:.1f} us; "
+        f"gRPC adapter incl. protobuf: {micro['grpc_adapter_cache_hit_us']:.1f} us"
+    )
+    record = {"meta": meta, "summary": summary, "rounds": rounds, "direct": alone, "core": micro}
+    path = (
+        Path(args.output)
+        if args.output
+        else (Path(__file__).parent / "results" / f"{meta['time'].replace(':', '')}.json")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"results: {path}")
+    failures = [s for s in summary if summary[s]["bad_total"]] + [
+        m for m, d in alone.items() if d["bad"]
+    ]
+    if failures:
+        raise SystemExit(f"bench: setups answered with errors or wrong statuses: {failures}")

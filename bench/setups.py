@@ -1,0 +1,193 @@
+"""The setups compared, each started as fresh processes on free loopback ports.
+
+A  Envoy -> backend, no auth (the baseline every ratio is taken against)
+B  Envoy's in-process api_key_auth + local_ratelimit -> backend (the built-in alternative)
+C  Envoy + extauthz over gRPC -> backend
+D  Envoy + extauthz over the HTTP service -> backend
+
+The backend is a second Envoy answering with direct_response, so it is never the limit
+(the run reports its req/s alone to show it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from extauthz.envoyconf import ROUTER, render
+from extauthz.launcher import EnvoyProcess
+
+API_KEY_AUTH = "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth"
+LOCAL_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+SETUPS = {
+    "A": "Envoy -> backend, no auth",
+    "B": "Envoy api_key_auth + local_ratelimit",
+    "C": "Envoy + extauthz gRPC",
+    "D": "Envoy + extauthz HTTP service",
+}
+
+
+def backend_config() -> dict[str, Any]:
+    config = render(
+        listen=("127.0.0.1", 0),
+        upstream=("127.0.0.1", 9),
+        authz=[("127.0.0.1", 9)],
+        admin=("127.0.0.1", 0),
+    )
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+    route.pop("route")
+    route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
+    hcm["typed_config"]["http_filters"] = [
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
+    ]
+    config["static_resources"]["clusters"] = []
+    return config
+
+
+def _builtin_filters(key: str) -> list[dict[str, Any]]:
+    everyone = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    return [
+        {
+            "name": "envoy.filters.http.api_key_auth",
+            "typed_config": {
+                "@type": API_KEY_AUTH,
+                "credentials": [{"key": key, "client": "bench"}],
+                "key_sources": [{"header": "x-api-key"}],
+            },
+        },
+        {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": LOCAL_RL,
+                "stat_prefix": "bench",
+                # A bucket too deep to ever empty: we measure the filter's cost, not its limit.
+                "token_bucket": {
+                    "max_tokens": 1_000_000_000,
+                    "tokens_per_fill": 1_000_000_000,
+                    "fill_interval": "1s",
+                },
+                "filter_enabled": {**everyone, "runtime_key": "rl_enabled"},
+                "filter_enforced": {**everyone, "runtime_key": "rl_enforced"},
+            },
+        },
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
+    ]
+
+
+def front_config(setup: str, backend_port: int, authz_port: int, key: str) -> dict[str, Any]:
+    mode = "http" if setup == "D" else "grpc"
+    config = render(
+        listen=("127.0.0.1", 0),
+        upstream=("127.0.0.1", backend_port),
+        authz=[("127.0.0.1", authz_port or 9)],
+        admin=("127.0.0.1", 0),
+        mode=mode,
+    )
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    if setup == "A":
+        hcm["typed_config"]["http_filters"] = hcm["typed_config"]["http_filters"][-1:]
+    elif setup == "B":
+        hcm["typed_config"]["http_filters"] = _builtin_filters(key)
+    if setup in ("A", "B"):
+        config["static_resources"]["clusters"] = config["static_resources"]["clusters"][:1]
+    return config
+
+
+class Sidecar:
+    """`extauthz serve` as its own process, like production."""
+
+    def __init__(self, mode: str, env: dict[str, str], workdir: Path, workers: int = 1) -> None:
+        self.mode = mode
+        self.log = workdir / f"sidecar-{mode}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "extauthz",
+            "serve",
+            "--mode",
+            mode,
+            f"--{mode}-addr",
+            "127.0.0.1:0",
+            "--json",
+        ]
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=subprocess.PIPE, stderr=err, text=True
+            )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sidecar did not start: {self.log.read_text()}")
+        ready = json.loads(line)
+        self.ports: list[int] = ready.get(f"{mode}_ports") or [ready[f"{mode}_port"]]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Running:
+    """One setup's processes for one measurement."""
+
+    def __init__(
+        self, setup: str, workdir: Path, env: dict[str, str], key: str, workers: int = 1
+    ) -> None:
+        self.setup = setup
+        self.backend = EnvoyProcess(backend_config(), workdir / "backend", concurrency=1)
+        self.sidecar: Sidecar | None = None
+        self.front: EnvoyProcess | None = None
+        self.backend.start()
+        try:
+            self.backend_port = self.backend.listener_port()
+            authz_ports: list[int] = []
+            if setup in ("C", "D"):
+                self.sidecar = Sidecar("grpc" if setup == "C" else "http", env, workdir, workers)
+                authz_ports = self.sidecar.ports
+            config = front_config(
+                setup, self.backend_port, authz_ports[0] if authz_ports else 0, key
+            )
+            if len(authz_ports) > 1:  # several worker processes: one endpoint each
+                cluster = config["static_resources"]["clusters"][1]
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}
+                        }
+                    }
+                    for p in authz_ports
+                ]
+            self.front = EnvoyProcess(config, workdir / f"front-{setup}", concurrency=1)
+            self.front.start()
+            self.url = f"http://127.0.0.1:{self.front.listener_port()}/bench"
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for proc in (self.front, self.sidecar, self.backend):
+            if proc is not None:
+                proc.stop()
+
+
+def bench_env(data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "EXTAUTHZ_DATA_DIR": str(data_dir), "EXTAUTHZ_LOG_LEVEL": "warning"}
+    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG", "EXTAUTHZ_MODE"):
+        env.pop(name, None)
+    return env
