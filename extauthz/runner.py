@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +24,8 @@ log = logging.getLogger("extauthz")
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    if args.workers > 1:
+        return _serve_workers(args, settings)
     runtime = Runtime.open(settings)
     sidecar = Sidecar(runtime, args.mode)
     try:
@@ -33,6 +38,63 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def _worker_addr(addr: str, index: int) -> str:
+    host, port = parse_hostport(addr, "address")
+    return f"{host}:{port + index if port else 0}"
+
+
+def _spawn_worker(
+    args: argparse.Namespace, settings: Settings, mode: str, index: int
+) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "extauthz", "serve", "--json", "--workers", "1", "--mode", mode]
+    if mode in ("grpc", "both"):
+        cmd += ["--grpc-addr", _worker_addr(args.grpc_addr or settings.grpc_addr, index)]
+    if mode in ("http", "both"):
+        cmd += ["--http-addr", _worker_addr(args.http_addr or settings.http_addr, index)]
+    # The workers must use this process's store and data, whatever flags chose them.
+    env = {
+        **os.environ,
+        "EXTAUTHZ_DATA_DIR": str(settings.data_dir),
+        "EXTAUTHZ_DATABASE_URL": settings.db_url,
+    }
+    if args.config:
+        env["EXTAUTHZ_CONFIG"] = args.config
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)  # noqa: S603
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """N single-process servers on N ports (base port + i, or free ports for port 0), to
+    be listed as N endpoints in Envoy's cluster. Each has its own cache and polls the
+    store for changes; until shared counters exist (Redis), any per-process limit is
+    enforced per worker, not in total."""
+    mode = args.mode or settings.mode
+    Runtime.open(settings).close()  # create the pepper and schema once, before the workers
+    procs: list[subprocess.Popen[str]] = []
+    ports: dict[str, list[int]] = {}
+    try:
+        for index in range(args.workers):
+            procs.append(_spawn_worker(args, settings, mode, index))
+            line = procs[-1].stdout.readline() if procs[-1].stdout else ""
+            if not line:
+                raise ConfigError(f"worker {index} did not start (see its log above)")
+            for name, port in json.loads(line).items():
+                ports.setdefault(name + "s", []).append(port)
+        summary: dict[str, Any] = {**ports, **{k[:-1]: v[0] for k, v in ports.items()}}
+        if args.json:
+            print(json.dumps(summary), flush=True)
+        log.info("%d workers: %s", args.workers, ports)
+        wait_for_signal(lambda: all(p.poll() is None for p in procs))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait() for proc in procs]
+        for proc in procs:
+            if proc.stdout is not None:
+                proc.stdout.close()
+    return max(codes, default=0)
 
 
 def _up(
@@ -197,6 +259,13 @@ def add_commands(sub: Any, add: Any) -> None:
     )
     c.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC address (EXTAUTHZ_GRPC_ADDR)")
     c.add_argument("--http-addr", metavar="HOST:PORT", help="HTTP address (EXTAUTHZ_HTTP_ADDR)")
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N server processes on ports PORT..PORT+N-1 (list each as an Envoy endpoint)",
+    )
 
     c = add(sub, "up", cmd_up, "run Envoy + extauthz in front of an HTTP upstream")
     c.add_argument(
