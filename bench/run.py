@@ -29,9 +29,9 @@ RATE_CONNECTIONS, RATE_DELAY_MS = 4, 4.0  # about 1,000 req/s
 
 
 def measure(
-    setup: str, workdir: Path, env: dict[str, str], key: str, seconds: float, workers: int
+    setup: str, workdir: Path, env: dict[str, str], key: str, seconds: float
 ) -> dict[str, Any]:
-    running = Running(setup, workdir, env, key, workers)
+    running = Running(setup, workdir, env, key)
     try:
         headers = {"x-api-key": key}
         wrk(running.url, 1, headers)  # warm-up: connections, caches
@@ -108,7 +108,9 @@ def direct(workdir: Path, env: dict[str, str], key: str, seconds: float) -> dict
     return out
 
 
-def summarize(rounds: list[dict[str, dict[str, Any]]], chosen: str) -> dict[str, dict[str, Any]]:
+def summarize(
+    rounds: list[dict[str, dict[str, Any]]], chosen: list[str]
+) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for setup in chosen:
         runs = [r[setup] for r in rounds]
@@ -164,14 +166,17 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="1 round of 2 s: a smoke test that every setup runs and answers",
     )
-    parser.add_argument("--workers", type=int, default=1, help="sidecar worker processes")
-    parser.add_argument("--setups", default="ABCD", help="which setups to run (A is always run)")
+    parser.add_argument(
+        "--setups",
+        default="A,B,C,D",
+        help=f"comma-separated, from {','.join(SETUPS)} (A always runs: it is the baseline)",
+    )
     parser.add_argument("--output", help="JSON results file (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     require_tools()
     if args.quick:
         args.rounds, args.seconds = 1, 2.0
-    chosen = "A" + "".join(s for s in args.setups.upper() if s in "BCD")
+    chosen = ["A"] + [s for s in args.setups.upper().split(",") if s in SETUPS and s != "A"]
     with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp:
         workdir = Path(tmp)
         env = bench_env(workdir / "data")
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-                result[setup] = measure(setup, workdir, env, key, args.seconds, args.workers)
+                result[setup] = measure(setup, workdir, env, key, args.seconds)
             rounds.append(result)
         print("direct: the sidecar alone ...", file=sys.stderr, flush=True)
         alone = direct(workdir, env, key, max(2.0, args.seconds / 2))
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "rounds": args.rounds,
         "seconds": args.seconds,
-        "workers": args.workers,
+        "setups": chosen,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print_table(summary, meta)

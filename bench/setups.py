@@ -28,6 +28,9 @@ SETUPS = {
     "B": "Envoy api_key_auth + local_ratelimit",
     "C": "Envoy + extauthz gRPC",
     "D": "Envoy + extauthz HTTP service",
+    # Optional: the same with `serve --workers 2`, two endpoints in Envoy's cluster.
+    "C2": "Envoy + extauthz gRPC, 2 workers",
+    "D2": "Envoy + extauthz HTTP, 2 workers",
 }
 
 
@@ -121,8 +124,7 @@ class Sidecar:
             self.proc = subprocess.Popen(
                 args, env=env, stdout=subprocess.PIPE, stderr=err, text=True
             )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line:
             raise RuntimeError(f"sidecar did not start: {self.log.read_text()}")
         ready = json.loads(line)
@@ -146,10 +148,9 @@ class Sidecar:
 class Running:
     """One setup's processes for one measurement."""
 
-    def __init__(
-        self, setup: str, workdir: Path, env: dict[str, str], key: str, workers: int = 1
-    ) -> None:
+    def __init__(self, setup: str, workdir: Path, env: dict[str, str], key: str) -> None:
         self.setup = setup
+        base, workers = setup[0], int(setup[1:] or 1)
         self.backend = EnvoyProcess(backend_config(), workdir / "backend", concurrency=1)
         self.sidecar: Sidecar | None = None
         self.front: EnvoyProcess | None = None
@@ -157,11 +158,11 @@ class Running:
         try:
             self.backend_port = self.backend.listener_port()
             authz_ports: list[int] = []
-            if setup in ("C", "D"):
-                self.sidecar = Sidecar("grpc" if setup == "C" else "http", env, workdir, workers)
+            if base in ("C", "D"):
+                self.sidecar = Sidecar("grpc" if base == "C" else "http", env, workdir, workers)
                 authz_ports = self.sidecar.ports
             config = front_config(
-                setup, self.backend_port, authz_ports[0] if authz_ports else 0, key
+                base, self.backend_port, authz_ports[0] if authz_ports else 0, key
             )
             if len(authz_ports) > 1:  # several worker processes: one endpoint each
                 cluster = config["static_resources"]["clusters"][1]

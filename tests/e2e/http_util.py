@@ -19,13 +19,21 @@ class Reply:
         return data
 
 
-def get(port: int, path: str = "/hello", headers: list[tuple[str, str]] | None = None) -> Reply:
+def get(
+    port: int,
+    path: str = "/hello",
+    headers: list[tuple[str, str]] | None = None,
+    method: str = "GET",
+    body: bytes = b"",
+) -> Reply:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.putrequest("GET", path)
+        conn.putrequest(method, path)
         for name, value in headers or []:
             conn.putheader(name, value)
-        conn.endheaders()
+        if body:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body or None)
         resp = conn.getresponse()
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:

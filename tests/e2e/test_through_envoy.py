@@ -42,6 +42,21 @@ def test_valid_key_reaches_backend_with_tenant_headers_and_without_key(stack: St
     assert key not in reply.body.decode()
 
 
+def test_post_with_body_is_authorized_and_body_reaches_backend(stack: Stack) -> None:
+    """A POST with a JSON body is checked on its head; the backend gets the request."""
+    _, _, key = stack.new_key()
+    reply = get(
+        stack.port,
+        "/v1/chat",
+        [("x-api-key", key), ("content-type", "application/json")],
+        method="POST",
+        body=b'{"max_tokens": 10}',
+    )
+    assert reply.status == 200
+    assert reply.json()["method"] == "POST"
+    assert get(stack.port, "/v1/chat", method="POST", body=b"{}").status == 401
+
+
 def test_bearer_key_works_and_authorization_is_stripped(stack: Stack) -> None:
     """Authorization: Bearer <key> is accepted and the header never reaches the backend."""
     _, _, key = stack.new_key()

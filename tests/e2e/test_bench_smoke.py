@@ -1,0 +1,47 @@
+"""`python -m bench --quick` as a smoke test: every setup runs and answers correctly.
+
+It asserts no timing: numbers come from full benchmark runs, not from tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_runs_every_setup_without_errors(tmp_path: Path) -> None:
+    """A, B, C and D each serve traffic with zero non-2xx answers, the sidecar-alone
+    direct mode runs for HTTP and gRPC, and the results land in the JSON file."""
+    if not (shutil.which("wrk") and shutil.which("h2load")):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install wrk and nghttp2-client (see .ci/run)")
+        pytest.skip("wrk/h2load not installed: sudo apt-get install -y wrk nghttp2-client")
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(out.read_text())
+    assert set(record["summary"]) == {"A", "B", "C", "D"}
+    for setup, summary in record["summary"].items():
+        assert summary["requests"] > 0, setup
+        assert summary["bad_total"] == 0, setup
+    for mode in ("http", "grpc"):
+        assert record["direct"][mode]["checks_per_s"] > 0
+        assert record["direct"][mode]["bad"] == 0
+    assert record["core"]["decision_cache_hit_us"] > 0
+    assert "A Envoy -> backend" in result.stdout
