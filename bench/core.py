@@ -17,9 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from envoy.service.auth.v3 import attribute_context_pb2 as ctx_pb2
-from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
-
+from bench.load import check_request
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.authorizer import Authorizer
 from extauthz.keys import Pepper, generate_key
@@ -50,24 +48,7 @@ def measure(n: int = 20000) -> dict[str, float]:
     keys.revoke_key(revoked_id)
     authorizer = Authorizer(resolver)
     request = CheckInput("GET", "/v1/items", {"x-api-key": key, "user-agent": "bench"})
-    raw = authz_pb2.CheckRequest(
-        attributes=ctx_pb2.AttributeContext(
-            request=ctx_pb2.AttributeContext.Request(
-                http=ctx_pb2.AttributeContext.HttpRequest(
-                    method="GET",
-                    path="/v1/items",
-                    id="r1",
-                    headers={
-                        "x-api-key": key,
-                        ":authority": "api",
-                        ":method": "GET",
-                        ":path": "/v1/items",
-                        "x-request-id": "r1",
-                    },
-                )
-            )
-        )
-    ).SerializeToString()
+    raw = check_request(key, "/v1/items")
     grpc_authz = GrpcAuthz(authorizer)
     results = {
         "decision_cache_hit_us": per_call_us(lambda: authorizer.check(request), n),

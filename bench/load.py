@@ -120,6 +120,32 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
+def check_request(key: str, path: str = "/bench") -> bytes:
+    """A serialised CheckRequest shaped like the ones our Envoy configs send."""
+    from envoy.service.auth.v3 import attribute_context_pb2 as ctx_pb2
+    from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
+
+    http = ctx_pb2.AttributeContext.HttpRequest(
+        method="GET",
+        path=path,
+        host="bench",
+        id="r1",
+        headers={
+            "x-api-key": key,
+            ":authority": "bench",
+            ":method": "GET",
+            ":path": path,
+            "x-request-id": "r1",
+            "x-forwarded-for": "127.0.0.1",
+        },
+    )
+    request = authz_pb2.CheckRequest(
+        attributes=ctx_pb2.AttributeContext(request=ctx_pb2.AttributeContext.Request(http=http))
+    )
+    data: bytes = request.SerializeToString()
+    return data
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` and all its descendants (threads included)."""
     ticks = os.sysconf("SC_CLK_TCK")

@@ -16,11 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from envoy.service.auth.v3 import attribute_context_pb2 as ctx_pb2
-from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
-
 from bench import core
-from bench.load import cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
+from bench.load import check_request, cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
 from bench.setups import SETUPS, Running, Sidecar, bench_env
 from extauthz.app import Runtime
 from extauthz.settings import load_settings
@@ -39,6 +36,7 @@ def measure(
         peak = wrk(running.url, seconds, headers)
         after = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
         fixed = wrk(running.url, max(2.0, seconds / 2), headers, RATE_CONNECTIONS, RATE_DELAY_MS)
+        single = wrk(running.url, max(2.0, seconds / 3), headers, connections=1)
         backend = wrk(f"http://127.0.0.1:{running.backend_port}/", max(1.0, seconds / 3), {})
     finally:
         running.stop()
@@ -53,6 +51,9 @@ def measure(
         "fixed_p50_ms": fixed.p50_ms,
         "fixed_p99_ms": fixed.p99_ms,
         "fixed_bad": fixed.bad,
+        "single_p50_ms": single.p50_ms,
+        "single_p99_ms": single.p99_ms,
+        "single_bad": single.bad,
         "backend_alone_rps": backend.rps,
     }
 
@@ -74,26 +75,7 @@ def direct(workdir: Path, env: dict[str, str], key: str, seconds: float) -> dict
         http.stop()
     grpc = Sidecar("grpc", env, workdir)
     try:
-        request = authz_pb2.CheckRequest(
-            attributes=ctx_pb2.AttributeContext(
-                request=ctx_pb2.AttributeContext.Request(
-                    http=ctx_pb2.AttributeContext.HttpRequest(
-                        method="GET",
-                        path="/bench",
-                        host="bench",
-                        id="r1",
-                        headers={
-                            "x-api-key": key,
-                            ":authority": "bench",
-                            ":method": "GET",
-                            ":path": "/bench",
-                            "x-request-id": "r1",
-                        },
-                    )
-                )
-            )
-        )
-        body = grpc_frame(request.SerializeToString())
+        body = grpc_frame(check_request(key))
         url = f"http://127.0.0.1:{grpc.ports[0]}/envoy.service.auth.v3.Authorization/Check"
         before = cpu_seconds(grpc.pid)
         result = h2load_grpc(url, body, seconds)
@@ -119,15 +101,13 @@ def summarize(
             values = [r[field] for r in runs if r[field] is not None]
             med[field] = statistics.median(values) if values else None
         med["ratio"] = statistics.median(r[setup]["rps"] / r["A"]["rps"] for r in rounds)
-        med["bad_total"] = sum(r["bad"] + r["fixed_bad"] for r in runs)
+        med["bad_total"] = sum(r["bad"] + r["fixed_bad"] + r["single_bad"] for r in runs)
         summary[setup] = med
-    for setup in chosen:
-        summary[setup]["added_p50_ms"] = (
-            summary[setup]["fixed_p50_ms"] - summary["A"]["fixed_p50_ms"]
-        )
-        summary[setup]["added_p99_ms"] = (
-            summary[setup]["fixed_p99_ms"] - summary["A"]["fixed_p99_ms"]
-        )
+    base = summary["A"]
+    for s in summary.values():
+        s["added_p50_ms"] = s["fixed_p50_ms"] - base["fixed_p50_ms"]
+        s["added_p99_ms"] = s["fixed_p99_ms"] - base["fixed_p99_ms"]
+        s["single_added_p50_ms"] = s["single_p50_ms"] - base["single_p50_ms"]
     return summary
 
 
@@ -138,7 +118,8 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
     )
     print(
         f"{'setup':40} {'req/s':>8} {'xA':>5} {'p50ms':>6} {'p99ms':>6} {'CPU us/chk':>10} "
-        f"| {'@~1k/s':>6} {'p50ms':>6} {'p99ms':>6} {'+p50':>6} {'+p99':>6}"
+        f"| {'@~1k/s':>6} {'p50ms':>6} {'p99ms':>6} {'+p50':>6} {'+p99':>6} "
+        f"| {'1conn p50':>9} {'+p50':>6}"
     )
     for setup, s in summary.items():
         label = SETUPS[setup]
@@ -148,12 +129,21 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
         print(
             f"{setup + ' ' + label:40} {s['rps']:8.0f} {s['ratio']:5.2f} {s['p50_ms']:6.2f} "
             f"{s['p99_ms']:6.2f} {cpu} | {s['fixed_rps']:6.0f} {s['fixed_p50_ms']:6.2f} "
-            f"{s['fixed_p99_ms']:6.2f} {s['added_p50_ms']:6.2f} {s['added_p99_ms']:6.2f}"
+            f"{s['fixed_p99_ms']:6.2f} {s['added_p50_ms']:6.2f} {s['added_p99_ms']:6.2f} "
+            f"| {s['single_p50_ms']:9.2f} {s['single_added_p50_ms']:6.2f}"
         )
-    backend = min(s["backend_alone_rps"] for s in summary.values())
+    spread = meta.get("a_spread")
+    if spread and spread[1] > 1.2 * spread[0]:
+        print(
+            f"WARNING: setup A varied from {spread[0]:.0f} to {spread[1]:.0f} req/s across "
+            "rounds: the machine was noisy, so ratios are unreliable; run again"
+        )
+    backend = statistics.median(s["backend_alone_rps"] for s in summary.values())
+    factor = backend / summary["A"]["rps"]
+    verdict = "not the bottleneck" if factor >= 1.5 else "WARNING: it may be limiting A"
     print(
-        f"backend alone (Envoy direct_response): {backend:.0f} req/s "
-        f"({backend / summary['A']['rps']:.1f}x setup A: not the bottleneck)"
+        f"backend alone (Envoy direct_response, median): {backend:.0f} req/s "
+        f"({factor:.1f}x setup A: {verdict})"
     )
 
 
@@ -203,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": args.rounds,
         "seconds": args.seconds,
         "setups": chosen,
+        "a_spread": [min(r["A"]["rps"] for r in rounds), max(r["A"]["rps"] for r in rounds)],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print_table(summary, meta)

@@ -1,1 +1,28 @@
 """Transport adapters: the only modules that import gRPC or protobuf."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from extauthz.model import Decision
+
+
+class EncodedAnswers:
+    """Wire bytes per Decision, encoded once. The authorizer reuses one Decision object
+    per key and header (and per deny reason), so its encoding can be reused too. Each
+    entry holds the decision itself, so its id() cannot be recycled while cached."""
+
+    def __init__(self, encode: Callable[[Decision], bytes], limit: int = 100_000) -> None:
+        self.encode = encode
+        self.limit = limit
+        self._cache: dict[int, tuple[Decision, bytes]] = {}
+
+    def __call__(self, decision: Decision) -> bytes:
+        cached = self._cache.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        data = self.encode(decision)
+        if len(self._cache) >= self.limit:
+            self._cache = {}  # a new dict: concurrent readers keep a consistent old one
+        self._cache[id(decision)] = (decision, data)
+        return data

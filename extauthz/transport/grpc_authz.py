@@ -22,6 +22,7 @@ from google.rpc import code_pb2, status_pb2
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
+from extauthz.transport import EncodedAnswers
 
 log = logging.getLogger("extauthz.grpc")
 
@@ -96,7 +97,7 @@ class GrpcAuthz:
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
         self._denied = {r: encode(d) for r, d in authorizer.denials.items()}
-        self._allowed: dict[int, tuple[Decision, bytes]] = {}
+        self._encoded = EncodedAnswers(encode)
 
     def check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
@@ -110,23 +111,11 @@ class GrpcAuthz:
             decision = self.authorizer.check(checked)
             if not decision.allowed and decision.reason in self._denied:
                 return self._denied[decision.reason]
-            return self._encode_allow(decision)
+            return self._encoded(decision)
         except Exception:
             # Fail closed with an explicit answer; the traceback stays in our log.
             log.exception("check failed")
             return self._denied["internal_error"]
-
-    def _encode_allow(self, decision: Decision) -> bytes:
-        # The authorizer reuses one Decision per key and header, so its bytes can be
-        # reused too; the entry holds the decision itself so its id() cannot be recycled.
-        cached = self._allowed.get(id(decision))
-        if cached is not None and cached[0] is decision:
-            return cached[1]
-        data = encode(decision)
-        if len(self._allowed) >= 100_000:
-            self._allowed = {}
-        self._allowed[id(decision)] = (decision, data)
-        return data
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         identity: Callable[[bytes], bytes] = bytes

@@ -17,6 +17,7 @@ import httptools
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
+from extauthz.transport import EncodedAnswers
 
 log = logging.getLogger("extauthz.http")
 
@@ -146,23 +147,11 @@ class HttpAuthzServer:
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"content-length: 0\r\nconnection: close\r\n\r\n"
         )
-        self._encoded: dict[int, tuple[Decision, bytes]] = {}
+        # Keep-alive answers; `connection: close` ones are rare and rendered each time.
+        self.encode = EncodedAnswers(render)
         self.connections: set[_Protocol] = set()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
-
-    def encode(self, decision: Decision) -> bytes:
-        """The keep-alive response for ``decision``. Deny answers and each key's allow
-        answer are built once by the authorizer, so their bytes are cached here; the
-        entry holds the decision itself so its id() cannot be recycled."""
-        cached = self._encoded.get(id(decision))
-        if cached is not None and cached[0] is decision:
-            return cached[1]
-        data = render(decision)
-        if len(self._encoded) >= 100_000:
-            self._encoded = {}
-        self._encoded[id(decision)] = (decision, data)
-        return data
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

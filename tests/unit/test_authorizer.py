@@ -287,3 +287,38 @@ def test_unknown_and_revoked_keys_take_the_same_path(
         check(authorizer, x_api_key=presented)
         check(authorizer, x_api_key=presented)
         assert store.lookups == before + 1
+
+
+def test_allow_decision_is_reused_until_the_cache_drops(
+    authorizer: Authorizer, keys: APIKeyManager, acme_key: tuple[str, str]
+) -> None:
+    """The same key through the same header returns the very same Decision object (so
+    transports can cache its bytes); any invalidation makes a fresh one."""
+    first = check(authorizer, x_api_key=acme_key[1])
+    assert check(authorizer, x_api_key=acme_key[1]) is first
+    authorizer.resolver.invalidate()
+    again = check(authorizer, x_api_key=acme_key[1])
+    assert again is not first
+    assert again == first
+
+
+def test_encoded_answers_encode_each_decision_once() -> None:
+    """EncodedAnswers calls the encoder once per Decision object, and again for a new one."""
+    from extauthz.transport import EncodedAnswers
+
+    calls: list[Decision] = []
+
+    def encode(decision: Decision) -> bytes:
+        calls.append(decision)
+        return decision.reason.encode()
+
+    encoded = EncodedAnswers(encode, limit=2)
+    a, b, c = (Decision(True, 200, r) for r in ("a", "b", "c"))
+    assert [encoded(a), encoded(a), encoded(b), encoded(c), encoded(a)] == [
+        b"a",
+        b"a",
+        b"b",
+        b"c",
+        b"a",
+    ]
+    assert calls == [a, b, c, a]  # the third entry reached the limit and reset the cache
