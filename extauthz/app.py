@@ -202,21 +202,32 @@ class Sidecar:
         log.info("stopped")
 
 
-def wait_for_signal(alive: Callable[[], bool] | None = None) -> str:
-    """Block until SIGTERM or SIGINT, or until ``alive()`` turns False; returns the cause."""
-    stop = threading.Event()
-    received: list[str] = []
+class StopSignals:
+    """Catches SIGTERM and SIGINT from the moment it is created, so a signal that arrives
+    while the server is still starting is not lost (nor kills it without a graceful
+    stop): ``wait()`` then returns as soon as it is called."""
 
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self.received: list[str] = []
+        self._previous = {
+            sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop.wait(0.2):
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signal.Signals(signum).name)
+        self._stop.set()
+
+    def wait(self, alive: Callable[[], bool] | None = None) -> str:
+        """Block until a signal, or until ``alive()`` turns False; returns the cause."""
+        while not self._stop.wait(0.2):
             if alive is not None and not alive():
                 return "exited"
-    finally:
-        for sig, old in previous.items():
+        return self.received[0]
+
+    def __enter__(self) -> StopSignals:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, old in self._previous.items():
             signal.signal(sig, old)
-    return received[0] if received else "stop"

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from extauthz.app import Runtime, Sidecar, wait_for_signal
+from extauthz.app import Runtime, Sidecar, StopSignals
 from extauthz.demo import EchoBackend
 from extauthz.envoyconf import parse_hostport, render, to_yaml
 from extauthz.errors import ConfigError
@@ -26,17 +26,17 @@ log = logging.getLogger("extauthz")
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.workers > 1:
         return _serve_workers(args, settings)
-    runtime = Runtime.open(settings)
-    sidecar = Sidecar(runtime, args.mode)
-    try:
-        ports = sidecar.start(args.grpc_addr, args.http_addr)
-        if args.json:
-            print(json.dumps(ports), flush=True)
-        cause = wait_for_signal()
-        log.info("received %s", cause)
-        sidecar.stop()
-    finally:
-        runtime.close()
+    with StopSignals() as signals:
+        runtime = Runtime.open(settings)
+        sidecar = Sidecar(runtime, args.mode)
+        try:
+            ports = sidecar.start(args.grpc_addr, args.http_addr)
+            if args.json:
+                print(json.dumps(ports), flush=True)
+            log.info("received %s", signals.wait())
+            sidecar.stop()
+        finally:
+            runtime.close()
     return 0
 
 
@@ -73,6 +73,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     Runtime.open(settings).close()  # create the pepper and schema once, before the workers
     procs: list[subprocess.Popen[str]] = []
     ports: dict[str, list[int]] = {}
+    signals = StopSignals()  # before the workers start: a SIGTERM now still stops them
     try:
         for index in range(args.workers):
             procs.append(_spawn_worker(args, settings, mode, index))
@@ -85,8 +86,9 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(json.dumps(summary), flush=True)
         log.info("%d workers: %s", args.workers, ports)
-        wait_for_signal(lambda: all(p.poll() is None for p in procs))
+        signals.wait(lambda: all(p.poll() is None for p in procs))
     finally:
+        signals.__exit__()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -98,7 +100,11 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _up(
-    args: argparse.Namespace, runtime: Runtime, upstream: tuple[str, int], ready: dict[str, Any]
+    args: argparse.Namespace,
+    runtime: Runtime,
+    upstream: tuple[str, int],
+    ready: dict[str, Any],
+    signals: StopSignals,
 ) -> int:
     listen = parse_hostport(args.listen, "--listen")
     admin = parse_hostport(args.admin, "--admin")
@@ -119,7 +125,9 @@ def _up(
         with tempfile.TemporaryDirectory(prefix="extauthz-up-") as workdir:
             envoy = EnvoyProcess(config, Path(workdir), args.envoy_concurrency)
             try:
-                return _run_envoy(args, envoy, listen=listen, upstream=upstream, ready=ready)
+                return _run_envoy(
+                    args, envoy, signals, listen=listen, upstream=upstream, ready=ready
+                )
             finally:
                 envoy.stop()
     finally:
@@ -129,6 +137,7 @@ def _up(
 def _run_envoy(
     args: argparse.Namespace,
     envoy: EnvoyProcess,
+    signals: StopSignals,
     *,
     listen: tuple[str, int],
     upstream: tuple[str, int],
@@ -153,7 +162,7 @@ def _run_envoy(
         print(json.dumps(ready), flush=True)
     else:
         _print_ready(ready)
-    if wait_for_signal(envoy.alive) == "exited":
+    if signals.wait(envoy.alive) == "exited":
         log.error("Envoy exited unexpectedly:\n%s", envoy.log_tail())
         return 1
     print("\nstopping Envoy and extauthz ...", file=sys.stderr)
@@ -175,26 +184,28 @@ def _print_ready(ready: dict[str, Any]) -> None:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     upstream = parse_hostport(args.upstream, "--upstream")
-    runtime = Runtime.open(settings)
-    try:
-        return _up(args, runtime, upstream, {})
-    finally:
-        runtime.close()
+    with StopSignals() as signals:
+        runtime = Runtime.open(settings)
+        try:
+            return _up(args, runtime, upstream, {}, signals)
+        finally:
+            runtime.close()
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    runtime = Runtime.open(settings)
-    backend = EchoBackend().start()
-    try:
-        tenant = runtime.store.find_tenant("demo") or runtime.tenants.create_tenant(
-            "demo", "free", "demo"
-        )
-        key_id, full_key = runtime.keys.create_key(tenant.id, "demo")
-        ready = {"tenant_id": tenant.id, "key_id": key_id, "key": full_key}
-        return _up(args, runtime, ("127.0.0.1", backend.port), ready)
-    finally:
-        backend.stop()
-        runtime.close()
+    with StopSignals() as signals:
+        runtime = Runtime.open(settings)
+        backend = EchoBackend().start()
+        try:
+            tenant = runtime.store.find_tenant("demo") or runtime.tenants.create_tenant(
+                "demo", "free", "demo"
+            )
+            key_id, full_key = runtime.keys.create_key(tenant.id, "demo")
+            ready = {"tenant_id": tenant.id, "key_id": key_id, "key": full_key}
+            return _up(args, runtime, ("127.0.0.1", backend.port), ready, signals)
+        finally:
+            backend.stop()
+            runtime.close()
 
 
 def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
