@@ -24,6 +24,8 @@ log = logging.getLogger("extauthz")
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     if args.workers > 1:
         return _serve_workers(args, settings)
     with StopSignals() as signals:
