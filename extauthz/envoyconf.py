@@ -75,7 +75,9 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], http2: bool) -> dict[s
 
 # What Envoy forwards to the sidecar besides method, path and host. Fewer headers means
 # less work per check; tenant identity headers are never forwarded (they come from us).
-FORWARDED = ("x-request-id", "x-forwarded-for")
+# x-envoy-external-address is the client address Envoy trusts (with use_remote_address);
+# the last x-forwarded-for hop is not: for loopback clients Envoy appends its own address.
+FORWARDED = ("x-request-id", "x-envoy-external-address", "x-forwarded-for")
 UPSTREAM_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
 CLIENT_HEADERS = ("content-type", "cache-control", "www-authenticate", "retry-after")
 

@@ -87,8 +87,16 @@ def to_input(request: Any) -> CheckInput | None:
         headers=headers,
         host=http.host,
         source_address=attrs.source.address.socket_address.address,
-        request_id=http.id,
+        # http.id is Envoy's internal stream id; x-request-id is the one logs and
+        # records share (Envoy forwards it: see allowed_headers in our configs).
+        request_id=_last(headers.get("x-request-id")) or http.id,
     )
+
+
+def _last(value: str | tuple[str, ...] | None) -> str:
+    if isinstance(value, tuple):
+        return value[-1]
+    return value or ""
 
 
 class GrpcAuthz:

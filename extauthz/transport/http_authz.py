@@ -114,18 +114,26 @@ class _Protocol(asyncio.Protocol):
             raise ValueError("request head too large")
 
     def _input(self) -> CheckInput:
-        forwarded = self.headers.get("x-forwarded-for", "")
-        if isinstance(forwarded, tuple):
-            forwarded = ",".join(forwarded)
         return CheckInput(
             method=self.parser.get_method().decode("latin-1"),
             path=self.url.decode("utf-8", "replace"),
             headers=self.headers,
-            host=str(self.headers.get("host", "")),
-            # Envoy (the edge, use_remote_address) appended the peer as the last hop.
-            source_address=forwarded.rsplit(",", 1)[-1].strip(),
-            request_id=str(self.headers.get("x-request-id", "")),
+            host=_one(self.headers.get("host")),
+            source_address=self._source(),
+            request_id=_one(self.headers.get("x-request-id")),
         )
+
+    def _source(self) -> str:
+        # Envoy at the edge (use_remote_address) sets x-envoy-external-address to the
+        # client it trusts and strips client-sent x-envoy-* headers. Without it (an
+        # internal request), the last x-forwarded-for hop is the one Envoy appended.
+        external = _one(self.headers.get("x-envoy-external-address"))
+        if external:
+            return external
+        forwarded = self.headers.get("x-forwarded-for", "")
+        if isinstance(forwarded, tuple):
+            forwarded = ",".join(forwarded)
+        return str(forwarded).rsplit(",", 1)[-1].strip()
 
     def _reply(self, payload: bytes, close: bool) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -133,6 +141,13 @@ class _Protocol(asyncio.Protocol):
         self.transport.write(payload)
         if close:
             self.transport.close()
+
+
+def _one(value: str | tuple[str, ...] | None) -> str:
+    """A header's value, or its last value when it was sent more than once."""
+    if value is None:
+        return ""
+    return value[-1] if isinstance(value, tuple) else value
 
 
 class HttpAuthzServer:

@@ -198,6 +198,23 @@ def test_last_used_time_is_written_back(stack: Stack) -> None:
     wait_until(lambda: stack.runtime.store.get_key(key_id).last_used_at is not None, 10, 0.2)  # type: ignore[union-attr]
 
 
+def test_sidecar_sees_the_client_address_and_envoys_request_id(stack: Stack) -> None:
+    """The core gets the client's address (127.0.0.1, not Envoy's own: for loopback
+    clients Envoy appends its local address to x-forwarded-for) and the x-request-id the
+    upstream sees, not Envoy's internal stream id."""
+    import re
+
+    _, _, key = stack.new_key()
+    request_id = seen(get(stack.port, headers=[("x-api-key", key)]).json())["x-request-id"]
+    assert get(stack.port, "/whoami").status == 401
+    lines = [line for line in stack.log.read_text().splitlines() if "path=/whoami" in line]
+    assert lines
+    assert "source=127.0.0.1 " in lines[-1]
+    assert re.search(r"request_id=[0-9a-f]{8}-[0-9a-f]{4}-", lines[-1]), lines[-1]
+    assert request_id != lines[-1].rsplit("request_id=", 1)[1]  # each request its own id
+
+
+# Keep last: it scans the log of every request the tests above made.
 def test_no_key_ever_appears_in_the_sidecar_log(stack: Stack) -> None:
     """After every test above (debug logging on), the sidecar's log holds none of the keys
     used, not even their random bodies, and no query-string key."""
