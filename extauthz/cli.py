@@ -6,11 +6,13 @@ Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 conflict, 130 interr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from extauthz import __version__
@@ -253,6 +255,40 @@ def cmd_keys_rotate(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- policy
+
+
+def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Validate a policy file without starting anything (errors exit 1 with file:line)."""
+    from extauthz.policy import load_policy
+
+    policy = load_policy(Path(args.file))
+    if args.json:
+        _print_json(
+            {
+                "ok": True,
+                "file": args.file,
+                "version": policy.version,
+                "timezone": policy.timezone,
+                "tiers": {t.value: dataclasses.asdict(lim) for t, lim in policy.tiers.items()},
+                "tenants": policy.tenants and {k: dict(v) for k, v in policy.tenants.items()},
+                "routes": [dataclasses.asdict(r) for r in policy.routes],
+                "tokens": dataclasses.asdict(policy.tokens),
+            }
+        )
+        return 0
+    sources = [f"header {policy.tokens.header}"] if policy.tokens.header else []
+    if policy.tokens.body_field:
+        sources.append(f"body field {policy.tokens.body_field}")
+    print(f"policy OK: {args.file} (version {policy.version})")
+    print(
+        f"  {len(policy.tiers)} tiers, {len(policy.tenants)} tenant overrides, "
+        f"{len(policy.routes)} route rules, time zone {policy.timezone}"
+    )
+    print(f"  token counts from: {', '.join(sources) or 'nowhere'}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -302,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = add(tenants, "set-tier", _tenant_change("set-tier"), "change a tenant's tier")
     c.add_argument("tenant", help="tenant id or name")
     c.add_argument("tier", help="free, starter, professional or enterprise")
+
+    policy = sub.add_parser("policy", help="tier policy tools").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    c = add(policy, "check", cmd_policy_check, "validate a policy file without starting anything")
+    c.add_argument("file", help="e.g. config/policy.yaml")
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -136,6 +136,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         ["envoy-config"],
         ["tenants", "create"],
         ["tenants", "list"],
+        ["policy", "check"],
         ["keys", "create"],
         ["keys", "rotate"],
         ["keys", "list"],

@@ -1,0 +1,273 @@
+"""The tier policy (`config/policy.yaml`): limits per tier, per-tenant overrides, route
+rules, shadow mode and where token counts come from.
+
+Business rules, not process settings. Validation is strict: an unknown key, a wrong
+type or a negative number is an error naming the file and line, because a typo in a
+limit must never silently become "unlimited". The policy is a frozen snapshot; its
+version is a hash of the file's bytes, so logs and records can say which rules decided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extauthz.errors import ConfigError
+from extauthz.model import TenantTier
+
+
+class PolicyError(ConfigError):
+    """The policy file is invalid; the message starts with ``file:line:``."""
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    requests_per_minute: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_day: int
+    tokens_per_request: int
+    concurrent: int
+    rate_limit: RateLimit
+    cost_per_1k_tokens: float
+    shadow: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    """``path`` matches exactly, ``prefix`` by prefix, both on Envoy's normalised path."""
+
+    path: str | None = None
+    prefix: str | None = None
+    public: bool = False
+    cost: int = 1
+
+    def matches(self, path: str) -> bool:
+        if self.path is not None:
+            return path == self.path
+        return self.prefix is not None and path.startswith(self.prefix)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    header: str | None = "x-max-tokens"
+    body_field: str | None = None  # e.g. max_tokens, when Envoy sends the body
+
+
+DEFAULT_TIERS: dict[TenantTier, Limits] = {
+    TenantTier.FREE: Limits(1_000, 4_096, 5, RateLimit(60, 10), 0.0),
+    TenantTier.STARTER: Limits(10_000, 8_192, 10, RateLimit(600, 50), 0.002),
+    TenantTier.PROFESSIONAL: Limits(100_000, 32_768, 50, RateLimit(3_000, 200), 0.0015),
+    TenantTier.ENTERPRISE: Limits(1_000_000, 131_072, 500, RateLimit(30_000, 1_000), 0.001),
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    tiers: dict[TenantTier, Limits] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    tokens: TokenSource = TokenSource()
+    timezone: str = "UTC"
+    version: str = "builtin"
+
+    def limits_for(self, tenant_id: str, tier: TenantTier) -> Limits:
+        """The tier's limits with the tenant's overrides applied."""
+        base = self.tiers[tier]
+        override = self.tenants.get(tenant_id)
+        return base if not override else dataclasses.replace(base, **override)
+
+    def route(self, path: str) -> Route | None:
+        """The first rule matching ``path`` (its query string ignored), or None."""
+        bare = path.split("?", 1)[0]
+        return next((r for r in self.routes if r.matches(bare)), None)
+
+
+# ---------------------------------------------------------------- parsing
+
+_Node = yaml.Node
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, node: _Node, message: str) -> PolicyError:
+        return PolicyError(f"{self.source}:{node.start_mark.line + 1}: {message}")
+
+    def mapping(self, node: _Node, where: str, allowed: set[str]) -> dict[str, _Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{where} must be a mapping")
+        out: dict[str, _Node] = {}
+        for key_node, value in node.value:
+            key = str(key_node.value)
+            if allowed and key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.error(key_node, f"unknown key {key!r} in {where} (known: {known})")
+            if key in out:
+                raise self.error(key_node, f"{key!r} appears twice in {where}")
+            out[key] = value
+        return out
+
+    def scalar(self, node: _Node, where: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(node, f"{where} must be a single value")
+        return yaml.safe_load(yaml.serialize(node))
+
+    def integer(self, node: _Node, where: str, minimum: int) -> int:
+        value = self.scalar(node, where)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(node, f"{where} must be a whole number, not {value!r}")
+        if value < minimum:
+            raise self.error(node, f"{where} must be at least {minimum}, not {value}")
+        return value
+
+    def number(self, node: _Node, where: str) -> float:
+        value = self.scalar(node, where)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(node, f"{where} must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise self.error(node, f"{where} must be a finite number, not {value!r}")
+        if value < 0:
+            raise self.error(node, f"{where} must not be negative, not {value}")
+        return float(value)
+
+    def boolean(self, node: _Node, where: str) -> bool:
+        value = self.scalar(node, where)
+        if not isinstance(value, bool):
+            raise self.error(node, f"{where} must be true or false, not {value!r}")
+        return value
+
+    def text(self, node: _Node, where: str) -> str:
+        value = self.scalar(node, where)
+        if not isinstance(value, str) or not value:
+            raise self.error(node, f"{where} must be a non-empty string")
+        return value
+
+
+_LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
+
+
+def _limit_fields(r: _Reader, node: _Node, where: str) -> dict[str, Any]:
+    fields = r.mapping(node, where, _LIMIT_KEYS)
+    parsers: dict[str, Callable[[_Node, str], Any]] = {
+        "requests_per_day": lambda n, w: r.integer(n, w, 0),
+        "tokens_per_request": lambda n, w: r.integer(n, w, 1),
+        "concurrent": lambda n, w: r.integer(n, w, 1),
+        "cost_per_1k_tokens": r.number,
+        "shadow": r.boolean,
+        "rate_limit": lambda n, w: _rate_limit(r, n, w),
+    }
+    return {k: parsers[k](v, f"{where}.{k}") for k, v in fields.items()}
+
+
+def _rate_limit(r: _Reader, node: _Node, where: str) -> RateLimit:
+    fields = r.mapping(node, where, {"requests_per_minute", "burst"})
+    for name in ("requests_per_minute", "burst"):
+        if name not in fields:
+            raise r.error(node, f"{where} needs {name}")
+    return RateLimit(
+        r.integer(fields["requests_per_minute"], f"{where}.requests_per_minute", 1),
+        r.integer(fields["burst"], f"{where}.burst", 1),
+    )
+
+
+def _routes(r: _Reader, node: _Node) -> tuple[Route, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        raise r.error(node, "routes must be a list of rules")
+    routes = []
+    for i, item in enumerate(node.value):
+        where = f"routes[{i}]"
+        fields = r.mapping(item, where, {"path", "prefix", "public", "cost"})
+        if ("path" in fields) == ("prefix" in fields):
+            raise r.error(item, f"{where} needs exactly one of path or prefix")
+        target = r.text(fields.get("path") or fields["prefix"], f"{where} path")
+        if not target.startswith("/"):
+            raise r.error(item, f"{where} path must start with '/'")
+        routes.append(
+            Route(
+                path=target if "path" in fields else None,
+                prefix=target if "prefix" in fields else None,
+                public=r.boolean(fields["public"], f"{where}.public")
+                if "public" in fields
+                else False,
+                cost=r.integer(fields["cost"], f"{where}.cost", 1) if "cost" in fields else 1,
+            )
+        )
+    return tuple(routes)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    r = _Reader(source)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        raise PolicyError(
+            f"{source}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}"
+        ) from None
+    if root is None:
+        return Policy(version=_version(text))
+    top = r.mapping(root, "the policy", {"tiers", "tenants", "routes", "tokens", "timezone"})
+    tiers = dict(DEFAULT_TIERS)
+    if "tiers" in top:
+        names = {t.value for t in TenantTier}
+        for name, node in r.mapping(top["tiers"], "tiers", names).items():
+            tier = TenantTier(name)
+            tiers[tier] = dataclasses.replace(
+                tiers[tier], **_limit_fields(r, node, f"tiers.{name}")
+            )
+    tenants = {}
+    if "tenants" in top:
+        for tenant_id, node in r.mapping(top["tenants"], "tenants", set()).items():
+            tenants[tenant_id] = _limit_fields(r, node, f"tenants.{tenant_id}")
+    tokens = TokenSource()
+    if "tokens" in top:
+        fields = r.mapping(top["tokens"], "tokens", {"header", "body_field"})
+        tokens = TokenSource(
+            header=r.text(fields["header"], "tokens.header").lower()
+            if "header" in fields
+            else None,
+            body_field=r.text(fields["body_field"], "tokens.body_field")
+            if "body_field" in fields
+            else None,
+        )
+    timezone = "UTC"
+    if "timezone" in top:
+        timezone = _timezone(r, top["timezone"])
+    routes = _routes(r, top["routes"]) if "routes" in top else ()
+    return Policy(tiers, tenants, routes, tokens, timezone, _version(text))
+
+
+def _timezone(r: _Reader, node: _Node) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = r.text(node, "timezone")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise r.error(node, f"unknown time zone {name!r} (e.g. UTC, Europe/Berlin)") from None
+    return name
+
+
+def _version(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}:1: cannot read the policy file: {exc}") from None
+    return parse_policy(text, str(path))

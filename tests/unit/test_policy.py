@@ -1,0 +1,115 @@
+"""The tier policy: defaults, overrides, routes, and strict validation with file:line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from extauthz.cli import main
+from extauthz.model import TenantTier
+from extauthz.policy import DEFAULT_TIERS, PolicyError, load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "policy"
+
+# One fixture file per validation error, with the exact message it must produce.
+ERRORS = {
+    "unknown_key.yaml": "3: unknown key 'concurent' in tiers.free (known: concurrent, "
+    "cost_per_1k_tokens, rate_limit, requests_per_day, shadow, tokens_per_request)",
+    "unknown_tier.yaml": "2: unknown key 'gold' in tiers (known: enterprise, free, "
+    "professional, starter)",
+    "negative.yaml": "3: tiers.free.requests_per_day must be at least 0, not -1",
+    "wrong_type.yaml": "3: tiers.starter.concurrent must be a whole number, not 'ten'",
+    "nan_cost.yaml": "3: tiers.free.cost_per_1k_tokens must be a finite number, not nan",
+    "rate_missing_burst.yaml": "3: tiers.free.rate_limit needs burst",
+    "bad_bool.yaml": "3: tiers.free.shadow must be true or false, not 'yes please'",
+    "route_both.yaml": "2: routes[0] needs exactly one of path or prefix",
+    "route_relative.yaml": "2: routes[0] path must start with '/'",
+    "route_cost_zero.yaml": "3: routes[0].cost must be at least 1, not 0",
+    "bad_timezone.yaml": "1: unknown time zone 'Mars/Olympus' (e.g. UTC, Europe/Berlin)",
+    "not_mapping.yaml": "2: tiers.free must be a mapping",
+    "duplicate.yaml": "4: 'concurrent' appears twice in tiers.free",
+    "broken_yaml.yaml": "2: not valid YAML: expected ',' or '}', but got '<stream end>'",
+    "tenant_float.yaml": "3: tenants.t_1.requests_per_day must be a whole number, not 2.5",
+    "unknown_top.yaml": "1: unknown key 'limits' in the policy (known: routes, tenants, "
+    "tiers, timezone, tokens)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_each_invalid_policy_names_file_line_and_problem(name: str) -> None:
+    """Every fixture is refused with exactly its message, prefixed by file and line."""
+    path = FIXTURES / name
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    assert str(err.value) == f"{path}:{ERRORS[name]}"
+
+
+def test_every_fixture_has_an_expected_message() -> None:
+    """No fixture file is left untested."""
+    assert {p.name for p in FIXTURES.glob("*.yaml")} == set(ERRORS)
+
+
+def test_shipped_policy_is_valid_and_matches_the_builtin_defaults() -> None:
+    """config/policy.yaml loads and states exactly the seed's tier defaults."""
+    policy = load_policy(ROOT / "config" / "policy.yaml")
+    assert policy.tiers == DEFAULT_TIERS
+    assert (
+        policy.tiers[TenantTier.FREE].requests_per_day,
+        policy.tiers[TenantTier.ENTERPRISE].concurrent,
+    ) == (1_000, 500)
+    assert policy.route("/healthz") is not None
+
+
+def test_empty_policy_means_builtin_defaults() -> None:
+    """An empty file is valid: every tier keeps its defaults."""
+    assert parse_policy("").tiers == DEFAULT_TIERS
+
+
+def test_tier_fields_default_individually() -> None:
+    """A tier that sets one field keeps the defaults for the others."""
+    policy = parse_policy("tiers:\n  free:\n    concurrent: 7\n")
+    free = policy.tiers[TenantTier.FREE]
+    assert free.concurrent == 7
+    assert free.requests_per_day == DEFAULT_TIERS[TenantTier.FREE].requests_per_day
+
+
+def test_tenant_override_applies_only_to_that_tenant() -> None:
+    """limits_for merges a tenant's overrides over its tier; other tenants see the tier."""
+    policy = parse_policy("tenants:\n  t_big:\n    requests_per_day: 250000\n    shadow: true\n")
+    big = policy.limits_for("t_big", TenantTier.STARTER)
+    assert (big.requests_per_day, big.shadow, big.concurrent) == (250_000, True, 10)
+    assert policy.limits_for("t_other", TenantTier.STARTER) == DEFAULT_TIERS[TenantTier.STARTER]
+
+
+def test_routes_match_first_rule_on_the_path_without_query() -> None:
+    """Exact paths and prefixes match in order; the query string is ignored."""
+    policy = parse_policy(
+        "routes:\n  - path: /healthz\n    public: true\n  - prefix: /v1/emb\n    cost: 3\n"
+    )
+    assert policy.route("/healthz?x=1").public  # type: ignore[union-attr]
+    assert policy.route("/healthz/") is None
+    assert policy.route("/v1/embeddings").cost == 3  # type: ignore[union-attr]
+    assert policy.route("/admin") is None
+
+
+def test_version_is_a_content_hash() -> None:
+    """The version changes with the file's content and is stable for the same bytes."""
+    a, b = parse_policy("timezone: UTC\n"), parse_policy("timezone: Europe/Berlin\n")
+    assert a.version != b.version
+    assert a.version == parse_policy("timezone: UTC\n").version
+    assert len(a.version) == 12
+
+
+def test_policy_check_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`extauthz policy check` prints OK and the version, or the error with exit 1."""
+    assert main(["policy", "check", str(ROOT / "config" / "policy.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    assert report["tiers"]["free"]["requests_per_day"] == 1000
+    assert main(["policy", "check", str(FIXTURES / "negative.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "negative.yaml:3: tiers.free.requests_per_day must be at least 0" in err
+    assert "Traceback" not in err
