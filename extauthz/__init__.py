@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.authorizer import Authorizer
+from extauthz.limits import RateLimiter
 from extauthz.model import APIKey, CheckInput, Decision, Tenant, TenantStatus, TenantTier
 from extauthz.tenants import TenantManager
 
@@ -24,6 +25,7 @@ __all__ = [
     "CheckInput",
     "Decision",
     "KeyResolver",
+    "RateLimiter",
     "Tenant",
     "TenantManager",
     "TenantStatus",
