@@ -122,7 +122,11 @@ class _Reader:
     def scalar(self, node: _Node, where: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(node, f"{where} must be a single value")
-        return yaml.safe_load(yaml.serialize(node))
+        try:
+            return yaml.safe_load(yaml.serialize(node))
+        except yaml.YAMLError as exc:  # e.g. a !!python/object tag: never constructed
+            problem = getattr(exc, "problem", None) or "cannot be read"
+            raise self.error(node, f"{where}: {problem}") from None
 
     def integer(self, node: _Node, where: str, minimum: int) -> int:
         value = self.scalar(node, where)

@@ -33,6 +33,8 @@ ERRORS = {
     "duplicate.yaml": "4: 'concurrent' appears twice in tiers.free",
     "broken_yaml.yaml": "2: not valid YAML: expected ',' or '}', but got '<stream end>'",
     "tenant_float.yaml": "3: tenants.t_1.requests_per_day must be a whole number, not 2.5",
+    "python_tag.yaml": "3: tiers.free.concurrent: could not determine a constructor for "
+    "the tag 'tag:yaml.org,2002:python/name:os.system'",
     "unknown_top.yaml": "1: unknown key 'limits' in the policy (known: routes, tenants, "
     "tiers, timezone, tokens)",
 }
