@@ -20,6 +20,7 @@ from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
 from extauthz.keys import Pepper, check_prefix
+from extauthz.policy import Policy, load_policy
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
 from extauthz.tenants import TenantManager
@@ -109,7 +110,13 @@ class Runtime:
         return cls(settings, store, clock, resolver, keys, TenantManager(store, clock))
 
     def authorizer(self) -> Authorizer:
-        return Authorizer(self.resolver, self.settings.key_headers, self.settings.query_key_params)
+        policy = Policy()
+        if self.settings.policy_file is not None:
+            policy = load_policy(self.settings.policy_file)
+            log.info("policy version %s from %s", policy.version, self.settings.policy_file)
+        return Authorizer(
+            self.resolver, self.settings.key_headers, self.settings.query_key_params, policy
+        )
 
     def close(self) -> None:
         self.store.close()

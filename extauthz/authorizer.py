@@ -2,6 +2,7 @@
 
 Phases, in order (each may end the request with a deny):
   1. refuse keys in the query string (they end up in logs and browser history);
+     then a public route (policy) is allowed without a key, identity headers stripped;
   2. find exactly one key in the configured headers;
   3. check its format and checksum (no store access for junk);
   4. resolve it through the cache and the store: known, not revoked, not expired;
@@ -19,8 +20,10 @@ from extauthz.apikeys import KeyResolver
 from extauthz.errors import StoreError
 from extauthz.keys import MAX_KEY_LEN
 from extauthz.model import CheckInput, Decision, Principal
+from extauthz.policy import Policy
 
 log = logging.getLogger("extauthz.authorizer")
+IDENTITY_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
 MAX_CACHED_DECISIONS = 100_000
 
 
@@ -79,10 +82,20 @@ class Authorizer:
         resolver: KeyResolver,
         key_headers: tuple[str, ...] = ("x-api-key", "authorization"),
         query_key_params: tuple[str, ...] = ("api_key", "apikey"),
+        policy: Policy | None = None,
     ) -> None:
         self.resolver = resolver
         self.key_headers = key_headers
         self.query_key_params = frozenset(query_key_params)
+        self.policy = policy or Policy()
+        # A public path needs no key, but the upstream must still never see forged
+        # identity headers or a key someone sent anyway. `authorization` is removed only
+        # when it holds a Bearer token: other schemes there belong to the upstream.
+        plain = tuple(h for h in key_headers if h != "authorization")
+        self._public = Decision(True, 200, "public", remove_headers=IDENTITY_HEADERS + plain)
+        self._public_bearer = Decision(
+            True, 200, "public", remove_headers=IDENTITY_HEADERS + key_headers
+        )
         # Deny answers never vary per request, so build each once.
         self.denials = {reason: deny_decision(reason, key_headers) for reason in REASONS}
         self._allowed: dict[tuple[str, str], Decision] = {}
@@ -105,6 +118,10 @@ class Authorizer:
     def _decide(self, request: CheckInput) -> Decision:
         if self.query_key_params and "?" in request.path and self._key_in_query(request.path):
             return self.denials["key_in_query"]
+        if self.policy.routes:
+            route = self.policy.route(request.path)
+            if route is not None and route.public:
+                return self._public_bearer if self._has_bearer(request) else self._public
         found = self._find_keys(request)
         if isinstance(found, str):
             return self.denials[found]
@@ -148,6 +165,13 @@ class Authorizer:
             # stale answer into the new generation.
             self._allowed, self._allowed_generation = {}, generation
         return self._allowed
+
+    def _has_bearer(self, request: CheckInput) -> bool:
+        if "authorization" not in self.key_headers:
+            return False
+        value = request.headers.get("authorization")
+        values = value if isinstance(value, tuple) else (value or "",)
+        return any(v.lstrip().lower().startswith("bearer") for v in values)
 
     def _key_in_query(self, path: str) -> bool:
         query = path.split("?", 1)[1].split("#", 1)[0]

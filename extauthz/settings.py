@@ -55,6 +55,7 @@ class Settings:
     grpc_workers: int = 4
     key_headers: tuple[str, ...] = ("x-api-key", "authorization")
     key_prefix: str = "nk"
+    policy_file: Path | None = None  # default: the built-in tier defaults, no routes
     query_key_params: tuple[str, ...] = ("api_key", "apikey")
     key_cache_ttl: float = 30.0
     key_cache_negative_ttl: float = 5.0
@@ -127,6 +128,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "grpc_workers": _positive_int,
     "key_headers": _header_names,
     "key_prefix": lambda v, w: str(v),
+    "policy_file": lambda v, w: Path(str(v)).expanduser(),
     "query_key_params": _names,
     "key_cache_ttl": parse_duration,
     "key_cache_negative_ttl": parse_duration,

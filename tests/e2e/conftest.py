@@ -110,6 +110,9 @@ def stack(
     }
     for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
         env.pop(name, None)
+    policy = data / "policy.yaml"
+    policy.write_text("routes:\n  - path: /healthz\n    public: true\n")
+    env["EXTAUTHZ_POLICY_FILE"] = str(policy)
     runtime = Runtime.open(load_settings(environ=env))
     backend = EchoBackend().start()
     sidecar, authz_port = start_sidecar(env, data / "sidecar.log", mode)

@@ -214,6 +214,43 @@ def test_sidecar_sees_the_client_address_and_envoys_request_id(stack: Stack) -> 
     assert request_id != lines[-1].rsplit("request_id=", 1)[1]  # each request its own id
 
 
+def test_public_path_needs_no_key_and_upstream_never_sees_forged_identity(stack: Stack) -> None:
+    """/healthz (public in the policy) passes without a key; a forged x-tenant-id and a
+    key sent anyway are removed before the backend."""
+    _, _, key = stack.new_key()
+    reply = get(stack.port, "/healthz", [("x-tenant-id", "evil"), ("x-api-key", key)])
+    assert reply.status == 200
+    headers = seen(reply.json())
+    assert "x-tenant-id" not in headers
+    assert "x-api-key" not in headers
+    assert key not in reply.body.decode()
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("//healthz", True),
+        ("/healthz/", False),
+        ("/healthz/../admin", False),
+        ("/x/../healthz", True),
+    ],
+)
+def test_route_rules_see_the_path_envoy_normalised(stack: Stack, path: str, allowed: bool) -> None:
+    """BAD_INPUTS #9: merged slashes and dot segments are resolved by Envoy before the
+    rule matches, so /healthz/../admin is /admin (401) and //healthz is /healthz (200)."""
+    reply = get(stack.port, path)
+    assert reply.status == (200 if allowed else 401)
+
+
+def test_escaped_slashes_never_bypass_a_rule(stack: Stack) -> None:
+    """/healthz%2F..%2Fadmin is not served as public: Envoy redirects to the unescaped
+    path (which then normalises to /admin) instead of passing it through."""
+    hits = stack.backend.hits
+    reply = get(stack.port, "/healthz%2F..%2Fadmin")
+    assert reply.status != 200
+    assert stack.backend.hits == hits
+
+
 # Keep last: it scans the log of every request the tests above made.
 def test_no_key_ever_appears_in_the_sidecar_log(stack: Stack) -> None:
     """After every test above (debug logging on), the sidecar's log holds none of the keys

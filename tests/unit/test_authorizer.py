@@ -322,3 +322,42 @@ def test_encoded_answers_encode_each_decision_once() -> None:
         b"a",
     ]
     assert calls == [a, b, c, a]  # the third entry reached the limit and reset the cache
+
+
+def public_authorizer(resolver: KeyResolver) -> Authorizer:
+    from extauthz.policy import parse_policy
+
+    policy = parse_policy(
+        "routes:\n  - path: /healthz\n    public: true\n  - prefix: /docs/\n    public: true\n"
+    )
+    return Authorizer(resolver, policy=policy)
+
+
+def test_public_route_needs_no_key_and_strips_forged_identity(
+    resolver: KeyResolver, store: CountingStore
+) -> None:
+    """A public path is allowed without a key or a lookup; identity headers and key
+    headers are removed so the upstream never sees forged or leaked ones."""
+    decision = check(public_authorizer(resolver), path="/healthz", x_tenant_id="evil")
+    assert (decision.allowed, decision.reason, decision.upstream_headers) == (True, "public", ())
+    assert {"x-tenant-id", "x-tenant-tier", "x-api-key-id", "x-api-key"} <= set(
+        decision.remove_headers
+    )
+    assert "authorization" not in decision.remove_headers  # Basic auth is the upstream's
+    assert store.lookups == 0
+
+
+def test_public_route_removes_a_bearer_key(resolver: KeyResolver) -> None:
+    """A Bearer key sent to a public path is removed, not forwarded."""
+    decision = check(public_authorizer(resolver), path="/docs/x", authorization="Bearer nk_x")
+    assert "authorization" in decision.remove_headers
+
+
+def test_public_route_matching_is_exact_or_prefix_only(resolver: KeyResolver) -> None:
+    """/healthz is public; /healthzz and /admin still need a key; a key in the query
+    string is refused even on a public path."""
+    authorizer = public_authorizer(resolver)
+    assert check(authorizer, path="/healthz?verbose=1").allowed
+    assert check(authorizer, path="/healthzz").reason == "missing_key"
+    assert check(authorizer, path="/admin").reason == "missing_key"
+    assert check(authorizer, path="/healthz?api_key=x").reason == "key_in_query"
