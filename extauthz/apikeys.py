@@ -35,6 +35,7 @@ class Resolution(NamedTuple):
 
 _MALFORMED = Resolution("malformed_key")
 _UNKNOWN = Resolution("unknown_key")
+_BAD_CHECKSUM = Resolution("bad_checksum")
 
 
 class KeyResolver:
@@ -61,7 +62,6 @@ class KeyResolver:
         self._last_used: dict[str, float] = {}
         self._revision = -1
         self._generation = 0
-        self.stats = {"hit": 0, "miss": 0, "negative_hit": 0}
 
     def resolve(self, presented: str) -> Resolution:
         if not self.format.well_shaped(presented):
@@ -75,13 +75,10 @@ class KeyResolver:
                 entry, negative = None, key_hash in self._misses
             generation = self._generation
         if negative:
-            self.stats["negative_hit"] += 1
             return _UNKNOWN
         if entry is None:
-            problem = self.format.problem(presented)
-            if problem is not None:  # a bad checksum never reaches the store
-                return Resolution(problem)
-            self.stats["miss"] += 1
+            if not self.format.checksum_ok(presented):  # never reaches the store
+                return _BAD_CHECKSUM
             # Unknown and known-but-revoked keys both cost exactly one lookup here, so
             # response time does not tell an attacker which of the two a key is.
             found = self.store.lookup(key_hash)
@@ -98,8 +95,6 @@ class KeyResolver:
                 hmac.compare_digest(key_hash, _NO_HASH)
                 return _UNKNOWN
             entry = found
-        else:
-            self.stats["hit"] += 1
         key, tenant = entry
         # Found by an index (or dict) on the hash: compare once more in constant time.
         if not hmac.compare_digest(key_hash, key.key_hash):

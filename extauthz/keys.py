@@ -63,25 +63,25 @@ class KeyFormat:
     def __init__(self, prefix: str = "nk") -> None:
         self.prefix = check_prefix(prefix)
         self._re = re.compile(
-            rf"{re.escape(prefix)}_([0-9A-Za-z]{{{BODY_LEN}}})_([0-9A-Za-z]{{{CHECKSUM_LEN}}})",
+            rf"{re.escape(prefix)}_[0-9A-Za-z]{{{BODY_LEN}}}_[0-9A-Za-z]{{{CHECKSUM_LEN}}}",
             re.ASCII,
         )
 
     def problem(self, presented: str) -> str | None:
         """None for a well-formed key, else the deny reason code."""
-        if len(presented) > MAX_KEY_LEN:
+        if not self.well_shaped(presented):
             return "malformed_key"
-        match = self._re.fullmatch(presented)
-        if match is None:
-            return "malformed_key"
-        if not hmac.compare_digest(checksum(match.group(1)), match.group(2)):
-            return "bad_checksum"
-        return None
+        return None if self.checksum_ok(presented) else "bad_checksum"
 
     def well_shaped(self, presented: str) -> bool:
-        """The cheap part of :meth:`problem` (length and characters), for the hot path:
-        the checksum is verified only on a cache miss, before the store is asked."""
+        """Length and characters only, for the hot path: the checksum is verified only
+        on a cache miss, before the store is asked."""
         return len(presented) <= MAX_KEY_LEN and self._re.fullmatch(presented) is not None
+
+    def checksum_ok(self, presented: str) -> bool:
+        """For a key already known to be well shaped: does its checksum match?"""
+        body = presented[len(self.prefix) + 1 : -(CHECKSUM_LEN + 1)]
+        return hmac.compare_digest(checksum(body), presented[-CHECKSUM_LEN:])
 
 
 @dataclass(frozen=True)

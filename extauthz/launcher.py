@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -118,7 +117,3 @@ class EnvoyProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def default_workdir(data_dir: Path) -> Path:
-    return data_dir / "run" / str(os.getpid())

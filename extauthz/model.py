@@ -90,18 +90,6 @@ class APIKey:
         """Seed-compatible property; the core uses :meth:`state_at` with its own clock."""
         return self.state_at(time.time()) == "active"
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "key_id": self.key_id,
-            "tenant_id": self.tenant_id,
-            "name": self.name,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "revoked_at": self.revoked_at,
-            "last_used_at": self.last_used_at,
-            "rotated_to": self.rotated_to,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class CheckInput:

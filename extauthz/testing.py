@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from extauthz.model import APIKey, Tenant
 from extauthz.store.memory import MemoryStore
@@ -47,8 +46,3 @@ class CountingStore(MemoryStore):
         if self.gate is not None:
             self.gate.wait(10)
         return found
-
-
-def headers(**values: Any) -> dict[str, str]:
-    """Request headers from keyword arguments: ``x_api_key=...`` -> ``x-api-key``."""
-    return {name.replace("_", "-"): str(value) for name, value in values.items()}

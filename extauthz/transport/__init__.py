@@ -7,6 +7,13 @@ from collections.abc import Callable
 from extauthz.model import Decision
 
 
+def last_value(value: str | tuple[str, ...] | None) -> str:
+    """A header's value, or its last value when it was sent more than once."""
+    if isinstance(value, tuple):
+        return value[-1]
+    return value or ""
+
+
 class EncodedAnswers:
     """Wire bytes per Decision, encoded once. The authorizer reuses one Decision object
     per key and header (and per deny reason), so its encoding can be reused too. Each

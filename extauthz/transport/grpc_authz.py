@@ -22,7 +22,7 @@ from google.rpc import code_pb2, status_pb2
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
-from extauthz.transport import EncodedAnswers
+from extauthz.transport import EncodedAnswers, last_value
 
 log = logging.getLogger("extauthz.grpc")
 
@@ -89,14 +89,8 @@ def to_input(request: Any) -> CheckInput | None:
         source_address=attrs.source.address.socket_address.address,
         # http.id is Envoy's internal stream id; x-request-id is the one logs and
         # records share (Envoy forwards it: see allowed_headers in our configs).
-        request_id=_last(headers.get("x-request-id")) or http.id,
+        request_id=last_value(headers.get("x-request-id")) or http.id,
     )
-
-
-def _last(value: str | tuple[str, ...] | None) -> str:
-    if isinstance(value, tuple):
-        return value[-1]
-    return value or ""
 
 
 class GrpcAuthz:
@@ -104,8 +98,9 @@ class GrpcAuthz:
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
-        self._denied = {r: encode(d) for r, d in authorizer.denials.items()}
         self._encoded = EncodedAnswers(encode)
+        self._invalid = self._encoded(authorizer.denials["invalid_request"])
+        self._internal = self._encoded(authorizer.denials["internal_error"])
 
     def check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
@@ -115,15 +110,12 @@ class GrpcAuthz:
         try:
             checked = to_input(request)
             if checked is None:
-                return self._denied["invalid_request"]
-            decision = self.authorizer.check(checked)
-            if not decision.allowed and decision.reason in self._denied:
-                return self._denied[decision.reason]
-            return self._encoded(decision)
+                return self._invalid
+            return self._encoded(self.authorizer.check(checked))
         except Exception:
             # Fail closed with an explicit answer; the traceback stays in our log.
             log.exception("check failed")
-            return self._denied["internal_error"]
+            return self._internal
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         identity: Callable[[bytes], bytes] = bytes

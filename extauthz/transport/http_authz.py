@@ -17,7 +17,7 @@ import httptools
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
-from extauthz.transport import EncodedAnswers
+from extauthz.transport import EncodedAnswers, last_value
 
 log = logging.getLogger("extauthz.http")
 
@@ -118,16 +118,16 @@ class _Protocol(asyncio.Protocol):
             method=self.parser.get_method().decode("latin-1"),
             path=self.url.decode("utf-8", "replace"),
             headers=self.headers,
-            host=_one(self.headers.get("host")),
+            host=last_value(self.headers.get("host")),
             source_address=self._source(),
-            request_id=_one(self.headers.get("x-request-id")),
+            request_id=last_value(self.headers.get("x-request-id")),
         )
 
     def _source(self) -> str:
         # Envoy at the edge (use_remote_address) sets x-envoy-external-address to the
         # client it trusts and strips client-sent x-envoy-* headers. Without it (an
         # internal request), the last x-forwarded-for hop is the one Envoy appended.
-        external = _one(self.headers.get("x-envoy-external-address"))
+        external = last_value(self.headers.get("x-envoy-external-address"))
         if external:
             return external
         forwarded = self.headers.get("x-forwarded-for", "")
@@ -141,13 +141,6 @@ class _Protocol(asyncio.Protocol):
         self.transport.write(payload)
         if close:
             self.transport.close()
-
-
-def _one(value: str | tuple[str, ...] | None) -> str:
-    """A header's value, or its last value when it was sent more than once."""
-    if value is None:
-        return ""
-    return value[-1] if isinstance(value, tuple) else value
 
 
 class HttpAuthzServer:
