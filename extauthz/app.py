@@ -1,7 +1,9 @@
-"""Composition root: Settings -> store, pepper, managers -> Authorizer -> gRPC server.
+"""Composition root: Settings -> store, pepper, counters, managers -> Authorizer ->
+transports (Check over gRPC and/or HTTP, and the access-log receiver).
 
-Also the process lifecycle: background upkeep (cache refresh, last-used writes) and a
-graceful stop on SIGTERM/SIGINT that answers in-flight checks before exiting.
+Also the process lifecycle: background upkeep (cache refresh, last-used writes, daily
+counts and audit events to the store, lease expiry, policy reload) and a graceful stop
+on SIGTERM/SIGINT that answers in-flight checks and writes what is queued before exiting.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ from dataclasses import dataclass
 from types import FrameType
 
 from extauthz.apikeys import APIKeyManager, KeyResolver
+from extauthz.audit import AuditLogger
 from extauthz.authorizer import Authorizer
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
 from extauthz.keys import Pepper, check_prefix
+from extauthz.limits.gate import LimitGate
+from extauthz.limits.memory import MemoryCounters
+from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
 from extauthz.policy import Policy, load_policy
+from extauthz.reload import PolicyWatcher
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
 from extauthz.tenants import TenantManager
+from extauthz.transport.als import AccessLogReceiver
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
 from extauthz.transport.http_authz import HttpAuthzThread
 
@@ -91,10 +99,17 @@ class Runtime:
     resolver: KeyResolver
     keys: APIKeyManager
     tenants: TenantManager
+    counters: MemoryCounters
+    journal: QuotaJournal
+    audit: AuditLogger
+    policy: Policy
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
         check_prefix(settings.key_prefix)
+        policy = Policy()
+        if settings.policy_file is not None:
+            policy = load_policy(settings.policy_file)
         # On first use this creates the pepper: the embedded default needs no setup step.
         store, pepper, _ = open_secured(settings)
         resolver = KeyResolver(
@@ -107,45 +122,99 @@ class Runtime:
             size=settings.key_cache_size,
         )
         keys = APIKeyManager(store, pepper, clock, prefix=settings.key_prefix, resolver=resolver)
-        return cls(settings, store, clock, resolver, keys, TenantManager(store, clock))
-
-    def authorizer(self) -> Authorizer:
-        policy = Policy()
-        if self.settings.policy_file is not None:
-            policy = load_policy(self.settings.policy_file)
-            log.info("policy version %s from %s", policy.version, self.settings.policy_file)
-        return Authorizer(
-            self.resolver, self.settings.key_headers, self.settings.query_key_params, policy
+        counters = MemoryCounters(clock, settings.lease_ttl)
+        journal = QuotaJournal(store, counters)
+        try:
+            journal.load(quota_window(clock.now(), policy.timezone)[0])
+        except BaseException:
+            store.close()
+            raise
+        return cls(
+            settings,
+            store,
+            clock,
+            resolver,
+            keys,
+            TenantManager(store, clock),
+            counters,
+            journal,
+            AuditLogger(store, clock),
+            policy,
         )
 
+    def authorizer(self) -> Authorizer:
+        if self.settings.policy_file is not None:
+            log.info("policy version %s from %s", self.policy.version, self.settings.policy_file)
+        gate = LimitGate(self.counters, self.clock, self.audit)
+        return Authorizer(
+            self.resolver,
+            self.settings.key_headers,
+            self.settings.query_key_params,
+            self.policy,
+            gate,
+        )
+
+    def quota(self, tenant_id: str) -> TenantQuota:
+        """The seed's quota API for one tenant (is_within_quota, record_usage, ...)."""
+        tenant = self.tenants.get_tenant(tenant_id)
+        if tenant is None:
+            from extauthz.errors import UnknownTenantError
+
+            raise UnknownTenantError(f"no tenant {tenant_id!r}")
+        return TenantQuota(tenant.id, tenant.tier, self.counters, lambda: self.policy, self.clock)
+
+    def flush(self) -> None:
+        """Write daily counts and audit events now (upkeep does this every flush_interval)."""
+        self.journal.flush()
+        self.audit.flush()
+
     def close(self) -> None:
+        try:
+            self.flush()
+        except ExtauthzError as exc:
+            log.error("could not write daily counts / audit events on close: %s", exc)
         self.store.close()
 
 
 class Upkeep(threading.Thread):
     """Polls the store's revision (so revocations from other processes land within
-    ``revocation_poll``) and writes last-used times in batches."""
+    ``revocation_poll``) and the policy file; writes last-used times, daily counts and
+    audit events in batches; expires overdue concurrency leases."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, watcher: PolicyWatcher | None = None) -> None:
         super().__init__(name="extauthz-upkeep", daemon=True)
         self.runtime = runtime
+        self.watcher = watcher
         self.stopping = threading.Event()
 
     def run(self) -> None:
         settings = self.runtime.settings
         clock = self.runtime.clock
-        next_flush = clock.monotonic() + settings.last_used_flush
-        while not self.stopping.wait(settings.revocation_poll):
+        next_touch = clock.monotonic() + settings.last_used_flush
+        next_flush = clock.monotonic() + settings.flush_interval
+        while not self.stopping.wait(min(settings.revocation_poll, settings.flush_interval)):
             try:
                 self.runtime.resolver.refresh()
+                if self.watcher is not None:
+                    self.watcher.poll()
                 if clock.monotonic() >= next_flush:
-                    next_flush = clock.monotonic() + settings.last_used_flush
+                    next_flush = clock.monotonic() + settings.flush_interval
+                    self.runtime.counters.maintain(self._days())
+                    self.runtime.flush()
+                if clock.monotonic() >= next_touch:
+                    next_touch = clock.monotonic() + settings.last_used_flush
                     self.runtime.resolver.flush_last_used()
             except ExtauthzError as exc:
                 log.warning("store upkeep failed: %s", exc)
             except Exception:
                 # Keep polling: a dead upkeep thread would silently stop revocations.
                 log.exception("store upkeep failed unexpectedly")
+
+    def _days(self) -> frozenset[str]:
+        """Today and yesterday in the policy's zone: counts of older days are dropped."""
+        now = self.runtime.clock.now()
+        zone = self.runtime.policy.timezone
+        return frozenset(quota_window(t, zone)[0] for t in (now, now - 86_400))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -158,19 +227,35 @@ class Upkeep(threading.Thread):
 
 class Sidecar:
     """The running authorization service: gRPC Check and/or the HTTP-service endpoint,
-    plus upkeep. Both transports share one Authorizer (one cache, one store)."""
+    the access-log receiver, and upkeep. Both transports share one Authorizer (one
+    cache, one store, one set of counters)."""
 
     def __init__(self, runtime: Runtime, mode: str | None = None) -> None:
         self.runtime = runtime
         self.mode = mode or runtime.settings.mode
         self.authorizer = runtime.authorizer()
-        self.upkeep = Upkeep(runtime)
+        self.watcher: PolicyWatcher | None = None
+        if runtime.settings.policy_file is not None:
+            self.watcher = PolicyWatcher(
+                runtime.settings.policy_file, (self.authorizer, runtime), runtime.audit
+            )
+        self.upkeep = Upkeep(runtime, self.watcher)
+        self.als = AccessLogReceiver(self._finished, runtime.settings.usage_headers)
         self.grpc: GrpcServer | None = None
+        self.als_server: GrpcServer | None = None
         self.http: HttpAuthzThread | None = None
         self.ports: dict[str, int] = {}
 
-    def start(self, grpc_addr: str | None = None, http_addr: str | None = None) -> dict[str, int]:
-        """Bind and start; returns the bound ports, e.g. ``{"grpc_port": 9001}``."""
+    def _finished(self, request_id: str, tokens: int | None, _status: int) -> None:
+        self.runtime.counters.release(request_id, tokens)
+
+    def start(
+        self,
+        grpc_addr: str | None = None,
+        http_addr: str | None = None,
+        als_addr: str | None = None,
+    ) -> dict[str, int]:
+        """Bind and start; returns the bound ports, e.g. ``{"grpc_port": 9001, ...}``."""
         settings = self.runtime.settings
         try:
             if self.mode in ("grpc", "both"):
@@ -183,22 +268,41 @@ class Sidecar:
                 host, port = parse_hostport(http_addr or settings.http_addr, "http address")
                 self.http = HttpAuthzThread(self.authorizer)
                 self.ports["http_port"] = self.http.start(host, port)
+            # One thread per open stream (Envoy opens one per worker thread), apart from
+            # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.
+            self.als_server = GrpcServer([self.als.handler()], workers=64)
+            self.ports["als_port"] = self.als_server.bind(als_addr or settings.als_addr)
         except OSError as exc:
             self._stop_transports(0)
-            raise ConfigError(f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR)") from None
+            raise ConfigError(
+                f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR / EXTAUTHZ_ALS_ADDR)"
+            ) from None
         self.runtime.resolver.refresh()
         self.upkeep.start()
-        if self.grpc is not None:
-            self.grpc.start()
+        for server in (self.grpc, self.als_server):
+            if server is not None:
+                server.start()
         for name, port in self.ports.items():
-            log.info("ext_authz %s listening on port %d", name.split("_")[0], port)
+            log.info("%s listening on port %d", name.split("_")[0], port)
         return self.ports
+
+    def reload_policy(self) -> None:
+        """Ask for a policy reload (SIGHUP); upkeep does it within revocation_poll."""
+        if self.watcher is None:
+            log.warning(
+                "SIGHUP: no policy file configured (EXTAUTHZ_POLICY_FILE), nothing to reload"
+            )
+            return
+        self.watcher.requested.set()
 
     def _stop_transports(self, grace: float) -> None:
         if self.grpc is not None:
             self.grpc.stop(grace)
         if self.http is not None:
             self.http.stop(grace)
+        if self.als_server is not None:
+            # Entries for the checks just answered may still be in flight from Envoy.
+            self.als_server.stop(min(grace, 0.5))
 
     def stop(self) -> None:
         grace = self.runtime.settings.shutdown_grace
@@ -206,6 +310,10 @@ class Sidecar:
         self._stop_transports(grace)
         if self.upkeep.is_alive():
             self.upkeep.stop()
+        try:
+            self.runtime.flush()
+        except ExtauthzError as exc:
+            log.error("could not write daily counts / audit events on stop: %s", exc)
         log.info("stopped")
 
 
@@ -217,9 +325,15 @@ class StopSignals:
     def __init__(self) -> None:
         self._stop = threading.Event()
         self.received: list[str] = []
+        self.on_reload: Callable[[], None] | None = None  # SIGHUP
         self._previous = {
             sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.on_reload is not None:
+            self.on_reload()
 
     def _handler(self, signum: int, _frame: FrameType | None) -> None:
         self.received.append(signal.Signals(signum).name)

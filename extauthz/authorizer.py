@@ -7,73 +7,29 @@ Phases, in order (each may end the request with a deny):
   3. check its format and checksum (no store access for junk);
   4. resolve it through the cache and the store: known, not revoked, not expired;
   5. check the tenant is active;
-  6. allow, with identity headers for the upstream and the key header removed.
+  6. apply the tier's limits (limits/gate.py), all at once, all or nothing;
+  7. allow, with identity headers for the upstream, the key header removed and
+     RateLimit headers for the client.
+
+The policy is read once per request (``self.policy`` is swapped whole on reload).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 
 from extauthz.apikeys import KeyResolver
 from extauthz.errors import StoreError
 from extauthz.keys import MAX_KEY_LEN
+from extauthz.limits.gate import LimitGate
 from extauthz.model import CheckInput, Decision, Principal
 from extauthz.policy import Policy
+from extauthz.reasons import REASONS, Reason, deny_decision
 
 log = logging.getLogger("extauthz.authorizer")
+__all__ = ["REASONS", "Authorizer", "Reason", "deny_decision"]
 IDENTITY_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
 MAX_CACHED_DECISIONS = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class Reason:
-    status: int
-    message: str
-
-
-# Every deny reason the product can answer with; the README's table mirrors this one.
-# Revoked/expired keys are 401 (the credential is no longer valid); a suspended tenant
-# is 403 (the credential is valid, but its owner may not use the service now).
-REASONS: dict[str, Reason] = {
-    "missing_key": Reason(401, "An API key is required: send it in the {headers} header."),
-    "malformed_key": Reason(401, "The API key is not in the expected format."),
-    "bad_checksum": Reason(401, "The API key's checksum does not match: was it copied whole?"),
-    "multiple_keys": Reason(401, "Send exactly one API key per request."),
-    "key_in_query": Reason(
-        401, "API keys are not accepted in the URL query string: send it in the {headers} header."
-    ),
-    "unknown_key": Reason(401, "The API key is not valid."),
-    "key_revoked": Reason(401, "The API key has been revoked."),
-    "key_expired": Reason(401, "The API key has expired."),
-    "tenant_suspended": Reason(403, "The tenant that owns this API key is suspended."),
-    "invalid_request": Reason(400, "The authorization request was incomplete or malformed."),
-    "store_unavailable": Reason(503, "Authorization is temporarily unavailable; retry shortly."),
-    "internal_error": Reason(503, "Authorization failed unexpectedly; retry shortly."),
-}
-
-
-def deny_decision(reason: str, key_headers: tuple[str, ...] = ("x-api-key",)) -> Decision:
-    """The full deny answer for ``reason``: status, JSON body and client headers."""
-    spec = REASONS[reason]
-    headers_text = " or ".join(
-        "'Authorization: Bearer <key>'" if h == "authorization" else h for h in key_headers
-    )
-    message = spec.message.format(headers=headers_text)
-    client: list[tuple[str, str]] = [
-        ("content-type", "application/json"),
-        ("cache-control", "no-store"),
-    ]
-    if spec.status == 401:
-        challenge = 'Bearer realm="extauthz"'
-        if reason != "missing_key":
-            challenge += ', error="invalid_token"'
-        client.append(("www-authenticate", challenge))
-    if spec.status == 503:
-        client.append(("retry-after", "1"))
-    body = json.dumps({"error": reason, "message": message}).encode()
-    return Decision(False, spec.status, reason, message, client_headers=tuple(client), body=body)
 
 
 class Authorizer:
@@ -83,11 +39,13 @@ class Authorizer:
         key_headers: tuple[str, ...] = ("x-api-key", "authorization"),
         query_key_params: tuple[str, ...] = ("api_key", "apikey"),
         policy: Policy | None = None,
+        gate: LimitGate | None = None,
     ) -> None:
         self.resolver = resolver
         self.key_headers = key_headers
         self.query_key_params = frozenset(query_key_params)
         self.policy = policy or Policy()
+        self.gate = gate
         # A public path needs no key, but the upstream must still never see forged
         # identity headers or a key someone sent anyway. `authorization` is removed only
         # when it holds a Bearer token: other schemes there belong to the upstream.
@@ -116,12 +74,16 @@ class Authorizer:
         return decision
 
     def _decide(self, request: CheckInput) -> Decision:
+        policy = self.policy  # one snapshot for the whole decision
         if self.query_key_params and "?" in request.path and self._key_in_query(request.path):
             return self.denials["key_in_query"]
-        if self.policy.routes:
-            route = self.policy.route(request.path)
-            if route is not None and route.public:
-                return self._public_bearer if self._has_bearer(request) else self._public
+        cost = 1
+        if policy.routes:
+            route = policy.route(request.path)
+            if route is not None:
+                if route.public:
+                    return self._public_bearer if self._has_bearer(request) else self._public
+                cost = route.cost
         found = self._find_keys(request)
         if isinstance(found, str):
             return self.denials[found]
@@ -156,7 +118,10 @@ class Authorizer:
             )
             if len(allowed) < MAX_CACHED_DECISIONS:
                 allowed[(key.key_id, header)] = decision
-        return decision
+        if self.gate is None:
+            return decision
+        final = self.gate.apply(decision, request, policy, cost)
+        return self.denials[final] if isinstance(final, str) else final
 
     def _allowed_now(self) -> dict[tuple[str, str], Decision]:
         generation = self.resolver.generation

@@ -20,6 +20,7 @@ HCM = (
 )
 EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+ALS = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -79,7 +80,15 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], http2: bool) -> dict[s
 # the last x-forwarded-for hop is not: for loopback clients Envoy appends its own address.
 FORWARDED = ("x-request-id", "x-envoy-external-address", "x-forwarded-for")
 UPSTREAM_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
-CLIENT_HEADERS = ("content-type", "cache-control", "www-authenticate", "retry-after")
+RATELIMIT_HEADERS = ("ratelimit-policy", "ratelimit")
+CLIENT_HEADERS = (
+    "content-type",
+    "cache-control",
+    "www-authenticate",
+    "retry-after",
+    *RATELIMIT_HEADERS,
+)
+USAGE_HEADERS = ("x-usage-input-tokens", "x-usage-output-tokens")
 
 
 def _matchers(names: tuple[str, ...]) -> dict[str, Any]:
@@ -95,16 +104,32 @@ def render(
     timeout: float = 0.5,
     mode: str = "grpc",
     key_headers: tuple[str, ...] = ("x-api-key", "authorization"),
+    als: list[tuple[str, int]] | None = None,
+    token_header: str | None = "x-max-tokens",  # noqa: S107 - a header name, not a secret
+    usage_headers: tuple[str, ...] = USAGE_HEADERS,
+    body_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """An Envoy bootstrap: ``listen`` -> ext_authz (``mode`` grpc or http) -> ``upstream``."""
+    """An Envoy bootstrap: ``listen`` -> ext_authz (``mode`` grpc or http) -> ``upstream``,
+    with every finished request reported to ``als`` (extauthz's access-log receiver;
+    omit it only to run without concurrency release and token settling). ``body_bytes``
+    sends request bodies up to that size to ext_authz (for a ``max_tokens`` body field);
+    larger bodies get 413 from Envoy."""
+    forwarded = key_headers + FORWARDED + ((token_header,) if token_header else ())
     ext_authz: dict[str, Any] = {
         "transport_api_version": "V3",
         # Explicit, although these are Envoy's defaults: a failed or timed-out check
         # must never let a request through.
         "failure_mode_allow": False,
         "status_on_error": {"code": "ServiceUnavailable"},
-        "allowed_headers": _matchers(tuple(dict.fromkeys(key_headers + FORWARDED))),
+        "allowed_headers": _matchers(tuple(dict.fromkeys(forwarded))),
     }
+    if body_bytes is not None:
+        ext_authz["with_request_body"] = {
+            "max_request_bytes": body_bytes,
+            # A cut-off body could hide its max_tokens: refuse it (413) instead.
+            "allow_partial_message": False,
+            "pack_as_bytes": True,
+        }
     if mode == "grpc":
         ext_authz["grpc_service"] = {
             "envoy_grpc": {"cluster_name": "extauthz"},
@@ -122,6 +147,7 @@ def render(
                 # Set on the upstream request, replacing any client-sent copy.
                 "allowed_upstream_headers": _matchers(UPSTREAM_HEADERS),
                 "allowed_client_headers": _matchers(CLIENT_HEADERS),
+                "allowed_client_headers_on_success": _matchers(RATELIMIT_HEADERS),
             },
         }
     else:
@@ -137,6 +163,7 @@ def render(
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        **({"access_log": [_access_log(usage_headers)]} if als else {}),
         "route_config": {
             "name": "local",
             "virtual_hosts": [
@@ -178,7 +205,27 @@ def render(
             "clusters": [
                 _cluster("upstream", [upstream], http2=False),
                 _cluster("extauthz", authz, http2=mode == "grpc"),
+                *([_cluster("extauthz_als", als, http2=True)] if als else []),
             ],
+        },
+    }
+
+
+def _access_log(usage_headers: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": {
+            "@type": ALS,
+            "common_config": {
+                "log_name": "extauthz",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "extauthz_als"}},
+                # Envoy's default is 1 s: a finished request would hold its concurrency
+                # slot that long, and a quick sequential client would see false 429s.
+                "buffer_flush_interval": "0.02s",
+            },
+            # The upstream's usage report, to settle reserved tokens.
+            "additional_response_headers_to_log": list(usage_headers),
         },
     }
 

@@ -106,6 +106,7 @@ class CheckInput:
     host: str = ""
     source_address: str = ""
     request_id: str = ""
+    body: bytes | None = None  # only when Envoy sends it (with_request_body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,29 @@ class Decision:
     upstream_headers: tuple[tuple[str, str], ...] = ()
     # Request headers removed before the upstream sees them (the key carrier).
     remove_headers: tuple[str, ...] = ()
-    # Headers on the response to the client (deny body headers, later RateLimit).
+    # Headers on the response to the client: the deny answer's, or RateLimit on allow.
     client_headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    # False for per-request answers (RateLimit counts): transports must not cache them.
+    reusable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One audit record. Never holds a key or an Authorization header: ids and facts."""
+
+    action: str  # e.g. CONFIG_CHANGED, QUOTA_EXCEEDED, RATE_LIMITED
+    outcome: str  # success, failure, denied, shadow
+    ts: float
+    tenant_id: str = ""
+    key_id: str = ""
+    actor: str = ""  # "system", "admin", or empty for a request's own principal
+    reason: str = ""
+    request_id: str = ""
+    source: str = ""
+    policy_version: str = ""
+    detail: str = ""  # JSON object text
+    seq: int = 0  # assigned by the store, gap-free
+
+    def to_dict(self) -> dict[str, object]:
+        return {f: getattr(self, f) for f in self.__slots__}

@@ -38,9 +38,11 @@ class Limits:
     requests_per_day: int
     tokens_per_request: int
     concurrent: int
-    rate_limit: RateLimit
+    rate_limit: RateLimit  # one bucket per tenant
     cost_per_1k_tokens: float
-    shadow: bool = False
+    shadow: bool = False  # would-deny is logged, counted and audited; the request passes
+    key_rate_limit: RateLimit | None = None  # a bucket per key as well, when set
+    tokens_per_day: int | None = None  # a daily token budget, when set
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,20 @@ class Policy:
     tokens: TokenSource = TokenSource()
     timezone: str = "UTC"
     version: str = "builtin"
+    _merged: dict[tuple[str, TenantTier], Limits] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def limits_for(self, tenant_id: str, tier: TenantTier) -> Limits:
         """The tier's limits with the tenant's overrides applied."""
-        base = self.tiers[tier]
         override = self.tenants.get(tenant_id)
-        return base if not override else dataclasses.replace(base, **override)
+        if not override:
+            return self.tiers[tier]
+        merged = self._merged.get((tenant_id, tier))
+        if merged is None:  # a snapshot never changes, so each merge is done once
+            merged = dataclasses.replace(self.tiers[tier], **override)
+            self._merged[(tenant_id, tier)] = merged
+        return merged
 
     def route(self, path: str) -> Route | None:
         """The first rule matching ``path`` (its query string ignored), or None."""
@@ -171,6 +181,8 @@ def _limit_fields(r: _Reader, node: _Node, where: str) -> dict[str, Any]:
         "cost_per_1k_tokens": r.number,
         "shadow": r.boolean,
         "rate_limit": lambda n, w: _rate_limit(r, n, w),
+        "key_rate_limit": lambda n, w: _rate_limit(r, n, w),
+        "tokens_per_day": lambda n, w: r.integer(n, w, 0),
     }
     return {k: parsers[k](v, f"{where}.{k}") for k, v in fields.items()}
 
@@ -251,7 +263,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if "timezone" in top:
         timezone = _timezone(r, top["timezone"])
     routes = _routes(r, top["routes"]) if "routes" in top else ()
-    return Policy(tiers, tenants, routes, tokens, timezone, _version(text))
+    return Policy(tiers, tenants, routes, tokens, timezone, version=_version(text))
 
 
 def _timezone(r: _Reader, node: _Node) -> str:

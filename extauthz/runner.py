@@ -18,6 +18,7 @@ from extauthz.demo import EchoBackend
 from extauthz.envoyconf import parse_hostport, render, to_yaml
 from extauthz.errors import ConfigError
 from extauthz.launcher import EnvoyError, EnvoyProcess
+from extauthz.policy import Policy, load_policy
 from extauthz.settings import MODES, Settings
 
 log = logging.getLogger("extauthz")
@@ -31,8 +32,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with StopSignals() as signals:
         runtime = Runtime.open(settings)
         sidecar = Sidecar(runtime, args.mode)
+        signals.on_reload = sidecar.reload_policy
         try:
-            ports = sidecar.start(args.grpc_addr, args.http_addr)
+            ports = sidecar.start(args.grpc_addr, args.http_addr, args.als_addr)
             if args.json:
                 print(json.dumps(ports), flush=True)
             log.info("received %s", signals.wait())
@@ -55,6 +57,7 @@ def _spawn_worker(
         cmd += ["--grpc-addr", _worker_addr(args.grpc_addr or settings.grpc_addr, index)]
     if mode in ("http", "both"):
         cmd += ["--http-addr", _worker_addr(args.http_addr or settings.http_addr, index)]
+    cmd += ["--als-addr", _worker_addr(args.als_addr or settings.als_addr, index)]
     # The workers must use this process's store and data, whatever flags chose them.
     env = {
         **os.environ,
@@ -72,10 +75,22 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     store for changes; until shared counters exist (Redis), any per-process limit is
     enforced per worker, not in total."""
     mode = args.mode or settings.mode
+    log.warning(
+        "%d workers with memory counters: each worker enforces its own limits, and a "
+        "worker frees the concurrency slots of other workers only by lease expiry "
+        "(EXTAUTHZ_LEASE_TTL); run one worker where exact limits matter",
+        args.workers,
+    )
     Runtime.open(settings).close()  # create the pepper and schema once, before the workers
     procs: list[subprocess.Popen[str]] = []
     ports: dict[str, list[int]] = {}
     signals = StopSignals()  # before the workers start: a SIGTERM now still stops them
+
+    def reload_all() -> None:
+        for proc in procs:
+            proc.send_signal(signal.SIGHUP)
+
+    signals.on_reload = reload_all
     try:
         for index in range(args.workers):
             procs.append(_spawn_worker(args, settings, mode, index))
@@ -112,7 +127,8 @@ def _up(
     admin = parse_hostport(args.admin, "--admin")
     mode = args.mode or ("http" if runtime.settings.mode == "http" else "grpc")
     sidecar = Sidecar(runtime, mode)
-    ports = sidecar.start(args.grpc_addr or "127.0.0.1:0", "127.0.0.1:0")
+    signals.on_reload = sidecar.reload_policy
+    ports = sidecar.start(args.grpc_addr or "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0")
     config = render(
         listen=listen,
         upstream=upstream,
@@ -120,7 +136,8 @@ def _up(
         admin=admin,
         timeout=args.authz_timeout,
         mode=mode,
-        key_headers=runtime.settings.key_headers,
+        als=[("127.0.0.1", ports["als_port"])],
+        **policy_options(runtime.settings, runtime.policy),
     )
     ready.update(mode=mode, **ports)
     try:
@@ -210,9 +227,22 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             runtime.close()
 
 
+def policy_options(settings: Settings, policy: Policy) -> dict[str, Any]:
+    """The render() options that follow from settings and policy: which headers Envoy
+    forwards and logs, and whether it sends bodies (for a max_tokens body field)."""
+    return {
+        "key_headers": settings.key_headers,
+        "token_header": policy.tokens.header,
+        "usage_headers": settings.usage_headers,
+        "body_bytes": settings.max_body_bytes if policy.tokens.body_field else None,
+    }
+
+
 def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
     default = settings.http_addr if args.mode == "http" else settings.grpc_addr
     authz = [parse_hostport(a, "--authz") for a in (args.authz or [default])]
+    als = [parse_hostport(a, "--als") for a in (args.als or [settings.als_addr])]
+    policy = load_policy(settings.policy_file) if settings.policy_file else Policy()
     text = to_yaml(
         render(
             listen=parse_hostport(args.listen, "--listen"),
@@ -221,7 +251,8 @@ def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
             admin=parse_hostport(args.admin, "--admin"),
             timeout=args.authz_timeout,
             mode=args.mode,
-            key_headers=settings.key_headers,
+            als=als,
+            **policy_options(settings, policy),
         )
     )
     if args.output:
@@ -273,6 +304,9 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC address (EXTAUTHZ_GRPC_ADDR)")
     c.add_argument("--http-addr", metavar="HOST:PORT", help="HTTP address (EXTAUTHZ_HTTP_ADDR)")
     c.add_argument(
+        "--als-addr", metavar="HOST:PORT", help="access-log receiver address (EXTAUTHZ_ALS_ADDR)"
+    )
+    c.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -305,6 +339,12 @@ def add_commands(sub: Any, add: Any) -> None:
         metavar="HOST:PORT",
         help="an extauthz endpoint; repeat for several (default EXTAUTHZ_GRPC_ADDR, "
         "or EXTAUTHZ_HTTP_ADDR with --mode http)",
+    )
+    c.add_argument(
+        "--als",
+        action="append",
+        metavar="HOST:PORT",
+        help="extauthz's access-log receiver; repeat for several (default EXTAUTHZ_ALS_ADDR)",
     )
     c.add_argument("--authz-timeout", type=float, default=0.5, metavar="SECONDS")
     c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")

@@ -52,6 +52,7 @@ class Settings:
     mode: str = "grpc"
     grpc_addr: str = "127.0.0.1:9001"
     http_addr: str = "127.0.0.1:9002"
+    als_addr: str = "127.0.0.1:9003"  # Envoy's access-log stream (frees slots, settles tokens)
     grpc_workers: int = 4
     key_headers: tuple[str, ...] = ("x-api-key", "authorization")
     key_prefix: str = "nk"
@@ -64,6 +65,11 @@ class Settings:
     last_used_flush: float = 5.0
     shutdown_grace: float = 5.0
     log_level: str = "info"
+    counters_url: str = "memory://"
+    lease_ttl: float = 60.0  # a slot whose access-log entry never comes is freed after this
+    flush_interval: float = 1.0  # daily counts and audit events reach the store this often
+    usage_headers: tuple[str, ...] = ("x-usage-input-tokens", "x-usage-output-tokens")
+    max_body_bytes: int = 1_048_576  # bodies Envoy sends for a max_tokens field; larger: 413
 
     @property
     def db_url(self) -> str:
@@ -117,6 +123,23 @@ def _header_names(value: Any, what: str) -> tuple[str, ...]:
     return names
 
 
+def _positive_duration(value: object, what: str) -> float:
+    seconds = parse_duration(value, what)  # type: ignore[arg-type]
+    if seconds <= 0:
+        raise ConfigError(f"{what}: must be more than 0")
+    return seconds
+
+
+def _counters_url(value: object, what: str) -> str:
+    url = str(value).strip()
+    if url != "memory://":
+        raise ConfigError(
+            f"{what}: {url!r} is not supported yet; use memory:// (Redis counters come "
+            "with the scale-out release)"
+        )
+    return url
+
+
 _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "data_dir": lambda v, w: Path(str(v)).expanduser(),
     "database_url": lambda v, w: str(v),
@@ -137,6 +160,12 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "last_used_flush": parse_duration,
     "shutdown_grace": parse_duration,
     "log_level": _level,
+    "als_addr": lambda v, w: str(v),
+    "counters_url": _counters_url,
+    "lease_ttl": _positive_duration,
+    "flush_interval": _positive_duration,
+    "usage_headers": _names,
+    "max_body_bytes": _positive_int,
 }
 # The pepper is a secret: accepted from the environment only, never from a settings file.
 _ENV_ONLY = {"pepper"}

@@ -25,6 +25,11 @@ class ManualClock:
         self._now += seconds
         self._mono += seconds
 
+    def jump(self, wall: float = 0.0, monotonic: float = 0.0) -> None:
+        """Move one clock alone, either way: an NTP step, or a misbehaving host."""
+        self._now += wall
+        self._mono += monotonic
+
 
 class CountingStore(MemoryStore):
     """A memory store that counts hot-path lookups and can be made to block or fail."""

@@ -31,14 +31,22 @@ class TokenBucket:
     ) -> tuple[bool, float, float, float]:
         """From state ``(tokens, updated)`` at ``now``: (allowed, retry_after, tokens,
         updated) after taking ``cost``. Nothing is taken when refused."""
-        elapsed = max(0.0, now - updated)
-        level = min(self.capacity, tokens + elapsed * self.rate)
-        stamp = max(now, updated)
-        if cost > self.capacity:
-            return False, math.inf, level, stamp  # can never pass, however long one waits
-        if level >= cost:
-            return True, 0.0, level - cost, stamp
-        return False, (cost - level) / self.rate, level, stamp
+        return take(self.capacity, self.rate, (tokens, updated), now, cost)
+
+
+def take(
+    capacity: float, rate: float, state: tuple[float, float], now: float, cost: float
+) -> tuple[bool, float, float, float]:
+    """:meth:`TokenBucket.take` without building a bucket (the hot path's form)."""
+    tokens, updated = state
+    elapsed = max(0.0, now - updated)
+    level = min(capacity, tokens + elapsed * rate)
+    stamp = max(now, updated)
+    if cost > capacity:
+        return False, math.inf, level, stamp  # can never pass, however long one waits
+    if level >= cost:
+        return True, 0.0, level - cost, stamp
+    return False, (cost - level) / rate, level, stamp
 
 
 class RateLimiter:

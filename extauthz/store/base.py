@@ -1,4 +1,5 @@
-"""The store interface: tenants and API keys. SQLite implements it today, PostgreSQL later.
+"""The store interface: tenants, API keys, daily quota counts and the audit trail.
+SQLite implements it today, PostgreSQL later.
 
 Every method raises only our own errors (StoreError, ConflictError, Unknown*Error);
 driver exceptions never cross this interface.
@@ -7,9 +8,9 @@ driver exceptions never cross this interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
+from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier
 
 
 class Store(abc.ABC):
@@ -87,6 +88,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def touch_keys(self, last_used: Mapping[str, float]) -> None:
         """Write last-used times in one batch (no revision bump: caches stay valid)."""
+
+    # daily quota counts (memory counters' durable copy)
+    @abc.abstractmethod
+    def add_quota_counts(self, changes: Mapping[tuple[str, str], tuple[int, int]]) -> None:
+        """Add (requests, tokens) to each (tenant, day) row, in one transaction."""
+
+    @abc.abstractmethod
+    def quota_counts(self, day: str) -> dict[str, tuple[int, int]]:
+        """Tenant id -> (requests, tokens) counted on ``day``."""
+
+    # audit
+    @abc.abstractmethod
+    def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Append in order, in one transaction; the store numbers them."""
+
+    @abc.abstractmethod
+    def list_audit(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
+        """The newest ``limit`` events (optionally of one action), oldest first."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from extauthz.errors import ConflictError, UnknownKeyError, UnknownTenantError
-from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
+from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier
 from extauthz.store.base import Store
 
 
@@ -20,6 +20,8 @@ class MemoryStore(Store):
         self._by_hash: dict[bytes, str] = {}
         self._revision = 0
         self._meta: dict[str, bytes] = {}
+        self._quota: dict[tuple[str, str], tuple[int, int]] = {}
+        self._audit: list[AuditEvent] = []
 
     def schema_version(self) -> int:
         return 1
@@ -152,6 +154,26 @@ class MemoryStore(Store):
                 key = self._keys.get(key_id)
                 if key is not None:
                     key.last_used_at = max(key.last_used_at or 0.0, when)
+
+    def add_quota_counts(self, changes: Mapping[tuple[str, str], tuple[int, int]]) -> None:
+        with self._lock:
+            for key, (requests, tokens) in changes.items():
+                old = self._quota.get(key, (0, 0))
+                self._quota[key] = (old[0] + requests, max(0, old[1] + tokens))
+
+    def quota_counts(self, day: str) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {t: v for (t, d), v in self._quota.items() if d == day}
+
+    def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        with self._lock:
+            for event in events:
+                self._audit.append(dataclasses.replace(event, seq=len(self._audit) + 1))
+
+    def list_audit(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
+        with self._lock:
+            found = [e for e in self._audit if action is None or e.action == action]
+        return found[-limit:] if limit > 0 else []
 
     def close(self) -> None:
         pass

@@ -16,6 +16,7 @@ from typing import Any
 from extauthz.errors import ConflictError, StoreError, UnknownKeyError, UnknownTenantError
 from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
 from extauthz.store.base import Store
+from extauthz.store.sqlite_records import SQLiteRecords
 
 # Each entry migrates from version i to i+1. Never edit a released entry; append.
 MIGRATIONS: tuple[str, ...] = (
@@ -46,6 +47,30 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     """
     CREATE TABLE meta_blobs (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
+    """
+    CREATE TABLE quota_counts (
+        tenant_id TEXT NOT NULL,
+        day TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, day)
+    );
+    CREATE TABLE audit_events (
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        policy_version TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX audit_events_action ON audit_events (action, seq);
     """,
 )
 
@@ -95,7 +120,7 @@ def _decode_placeholder() -> tuple[APIKey, Tenant]:
     return _key(_PLACEHOLDER[:10]), _tenant(_PLACEHOLDER[10:])
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteRecords, Store):
     def __init__(self, path: Path, url: str = "", busy_timeout_ms: int = 2000) -> None:
         self.url = url or f"sqlite:///{path}"
         self._lock = threading.Lock()

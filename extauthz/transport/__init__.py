@@ -25,6 +25,8 @@ class EncodedAnswers:
         self._cache: dict[int, tuple[Decision, bytes]] = {}
 
     def __call__(self, decision: Decision) -> bytes:
+        if not decision.reusable:
+            return self.encode(decision)
         cached = self._cache.get(id(decision))
         if cached is not None and cached[0] is decision:
             return cached[1]

@@ -47,6 +47,8 @@ def encode(decision: Decision) -> bytes:
             ok_response=authz_pb2.OkHttpResponse(
                 headers=[_header(k, v) for k, v in decision.upstream_headers],
                 headers_to_remove=list(decision.remove_headers),
+                # Added to the response the client gets (RateLimit headers).
+                response_headers_to_add=[_header(k, v) for k, v in decision.client_headers],
             ),
         )
     else:
@@ -90,6 +92,8 @@ def to_input(request: Any) -> CheckInput | None:
         # http.id is Envoy's internal stream id; x-request-id is the one logs and
         # records share (Envoy forwards it: see allowed_headers in our configs).
         request_id=last_value(headers.get("x-request-id")) or http.id,
+        # pack_as_bytes puts the body in raw_body; without it, in body (as text).
+        body=http.raw_body or (http.body.encode() if http.body else None),
     )
 
 

@@ -22,6 +22,7 @@ from extauthz.transport import EncodedAnswers, last_value
 log = logging.getLogger("extauthz.http")
 
 MAX_HEAD_BYTES = 64 * 1024  # Envoy's own header limit is 60 KiB; more is not from Envoy
+MAX_BODY_BYTES = 16 * 1024 * 1024  # far above max_body_bytes: a bound, not a setting
 _REASON = {
     200: b"OK",
     400: b"Bad Request",
@@ -43,8 +44,9 @@ def render(decision: Decision, keep_alive: bool = True) -> bytes:
         if decision.remove_headers:
             removed = ",".join(decision.remove_headers)
             lines.append(b"x-envoy-auth-headers-to-remove: " + removed.encode())
-    else:
-        lines += [f"{k}: {v}".encode() for k, v in decision.client_headers]
+    # On allow, Envoy copies only allowed_client_headers_on_success (RateLimit) to the
+    # client's response; on deny, allowed_client_headers.
+    lines += [f"{k}: {v}".encode() for k, v in decision.client_headers]
     lines.append(b"content-length: %d" % len(decision.body))
     if not keep_alive:
         lines.append(b"connection: close")
@@ -64,6 +66,8 @@ class _Protocol(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, Any] = {}
         self.head_bytes = 0
+        self.body: list[bytes] = []
+        self.body_bytes = 0
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -97,6 +101,12 @@ class _Protocol(asyncio.Protocol):
         else:  # a repeated header stays visible as such: the core refuses two keys
             self.headers[key] = (*(old if isinstance(old, tuple) else (old,)), text)
 
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > MAX_BODY_BYTES:
+            raise ValueError("request body too large")
+        self.body.append(body)
+
     def on_message_complete(self) -> None:
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         try:
@@ -121,6 +131,7 @@ class _Protocol(asyncio.Protocol):
             host=last_value(self.headers.get("host")),
             source_address=self._source(),
             request_id=last_value(self.headers.get("x-request-id")),
+            body=b"".join(self.body) if self.body else None,
         )
 
     def _source(self) -> str:

@@ -1,0 +1,91 @@
+"""The counter interface every limit backend implements (memory today, Redis next).
+
+One call, :meth:`Counters.acquire`, checks every limit of a request and charges all of
+them, or none: a request refused by its daily quota must not also have drained its
+token bucket. With Redis that is one Lua script; in memory, one lock.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from extauthz.policy import Limits
+
+# What `Verdict.denied_by` can name, in the order limits are checked.
+RATE, KEY_RATE, DAY, TOKENS_DAY, CONCURRENT = "rate", "key_rate", "day", "tokens_day", "concurrent"
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What one request wants to take."""
+
+    tenant_id: str
+    key_id: str
+    lease_id: str  # Envoy's x-request-id: the access-log entry names the same id
+    limits: Limits
+    day: str  # the quota day in the policy's time zone, e.g. "2026-11-26"
+    cost: int = 1  # request units (a route's weight): bucket tokens and daily requests
+    tokens: int = 0  # declared tokens, reserved now and settled from the access log
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    denied_by: str | None = None  # one of the names above
+    retry_after: float = 0.0  # seconds until a bucket denial could pass
+    requests_today: int = 0  # after this request's charge, or as it stands when denied
+    tokens_today: int = 0
+    rate_left: float = 0.0  # tokens left in the tenant's bucket
+    in_flight: int = 0  # the tenant's held concurrency slots, this request's included
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """A released lease: its reservation, and the real token count when one was reported."""
+
+    tenant_id: str
+    key_id: str
+    day: str
+    reserved: int
+    actual: int | None
+
+
+class Counters(abc.ABC):
+    url: str
+
+    @abc.abstractmethod
+    def acquire(self, ask: Ask) -> Verdict:
+        """Check every limit of ``ask`` and, only if all pass, charge them all: a bucket
+        token per cost unit, the daily requests and reserved tokens, and a concurrency
+        slot held under ``ask.lease_id`` until released or expired."""
+
+    @abc.abstractmethod
+    def release(self, lease_id: str, actual_tokens: int | None = None) -> Settlement | None:
+        """Free the slot held under ``lease_id`` and settle its reservation against
+        ``actual_tokens`` (refund or overage). None if no such lease: a second release,
+        or one after the lease expired, changes nothing."""
+
+    @abc.abstractmethod
+    def add_usage(self, tenant_id: str, day: str, requests: int = 0, tokens: int = 0) -> None:
+        """Count usage that did not come through :meth:`acquire` (the seed's
+        ``record_usage``, or counts loaded at start)."""
+
+    @abc.abstractmethod
+    def usage(self, tenant_id: str, day: str) -> tuple[int, int]:
+        """(requests, tokens) counted for the tenant on ``day``."""
+
+    @abc.abstractmethod
+    def in_flight(self, tenant_id: str) -> int:
+        """Concurrency slots the tenant holds now (unexpired leases)."""
+
+    @abc.abstractmethod
+    def rate_left(self, tenant_id: str, limits: Limits) -> float:
+        """Tokens in the tenant's bucket now (the bucket is full if never used)."""
+
+    @abc.abstractmethod
+    def maintain(self) -> int:
+        """Expire overdue leases and forget idle state; returns the leases expired."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends without resources
+        """Release backend resources."""

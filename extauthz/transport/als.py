@@ -1,0 +1,81 @@
+"""Envoy's gRPC access-log stream (``envoy.service.accesslog.v3``): one entry per
+finished request, matched to its Check by ``x-request-id``. It frees the request's
+concurrency slot and settles its reserved tokens against the usage the upstream
+reported in its response headers.
+
+Envoy keeps one stream open per worker thread, so this runs on its own small gRPC
+server: a long-lived stream must never hold a thread that Check calls need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf.message import DecodeError
+
+log = logging.getLogger("extauthz.als")
+
+SERVICE = "envoy.service.accesslog.v3.AccessLogService"
+MAX_TOKENS = 10**15
+# (request id, actual tokens or None, response code) for each finished request.
+Finished = Callable[[str, int | None, int], None]
+
+
+def reported_tokens(headers: Any, names: tuple[str, ...]) -> int | None:
+    """The sum of the usage headers the upstream sent, or None if it sent none we can
+    read (the reservation then stands as charged)."""
+    total, seen = 0, False
+    for name in names:
+        value = headers.get(name)
+        if value is None:
+            continue
+        text = value.strip()
+        if not text.isascii() or not text.isdigit() or len(text) > 16:
+            log.warning("ignoring usage header %s: not a whole number", name)
+            continue
+        total += int(text)
+        seen = True
+    return min(total, MAX_TOKENS) if seen else None
+
+
+class AccessLogReceiver:
+    def __init__(self, finished: Finished, usage_headers: tuple[str, ...]) -> None:
+        self.finished = finished
+        self.usage_headers = usage_headers
+        self.entries = 0  # entries handled since start (tests and the upcoming metrics)
+        self._empty: bytes = als_pb2.StreamAccessLogsResponse().SerializeToString()
+
+    def stream(self, messages: Any, context: grpc.ServicerContext) -> bytes:
+        for data in messages:
+            try:
+                message = als_pb2.StreamAccessLogsMessage.FromString(data)
+            except DecodeError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a StreamAccessLogsMessage")
+            for entry in message.http_logs.log_entry:
+                try:
+                    self._entry(entry)
+                except Exception:
+                    # One bad entry must not end the stream and strand every later slot.
+                    log.exception("access-log entry failed")
+        return self._empty
+
+    def _entry(self, entry: Any) -> None:
+        if entry.common_properties.intermediate_log_entry:
+            return  # a periodic entry for a request still running
+        request_id = entry.request.request_id
+        self.entries += 1
+        if not request_id:
+            return
+        tokens = reported_tokens(entry.response.response_headers, self.usage_headers)
+        self.finished(request_id, tokens, entry.response.response_code.value)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        identity: Callable[[bytes], bytes] = bytes
+        method = grpc.stream_unary_rpc_method_handler(
+            self.stream, request_deserializer=identity, response_serializer=identity
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"StreamAccessLogs": method})
