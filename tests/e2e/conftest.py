@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,11 +32,21 @@ def extauthz_cmd(*args: str) -> list[str]:
 
 def start_sidecar(
     env: dict[str, str], log: Path, mode: str = "grpc"
-) -> tuple[subprocess.Popen[str], int]:
-    """`extauthz serve --mode MODE` on a free port; returns the process and its port."""
+) -> tuple[subprocess.Popen[str], int, int]:
+    """`extauthz serve --mode MODE` on free ports; returns the process, its check port and
+    its access-log port."""
     with log.open("w") as err:
         proc = subprocess.Popen(
-            extauthz_cmd("serve", "--mode", mode, f"--{mode}-addr", "127.0.0.1:0", "--json"),
+            extauthz_cmd(
+                "serve",
+                "--mode",
+                mode,
+                f"--{mode}-addr",
+                "127.0.0.1:0",
+                "--als-addr",
+                "127.0.0.1:0",
+                "--json",
+            ),
             env=env,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -45,7 +57,8 @@ def start_sidecar(
     if not line:
         stop(proc)
         pytest.fail(f"extauthz serve did not start: {log.read_text()}")
-    return proc, int(json.loads(line)[f"{mode}_port"])
+    ports = json.loads(line)
+    return proc, int(ports[f"{mode}_port"]), int(ports["als_port"])
 
 
 def stop(proc: subprocess.Popen[str]) -> int:
@@ -67,7 +80,7 @@ class Stack:
     port: int
     env: dict[str, str]
     runtime: Runtime
-    backend: EchoBackend
+    backend: Any
     sidecar: subprocess.Popen[str]
     envoy: EnvoyProcess
     log: Path
@@ -94,6 +107,69 @@ class Stack:
         )
 
 
+def sidecar_env(data: Path, policy_text: str, **extra: str) -> dict[str, str]:
+    # Debug logging, so the secrets tests have every log line there is to search.
+    env = {
+        **os.environ,
+        "EXTAUTHZ_DATA_DIR": str(data),
+        "EXTAUTHZ_LOG_LEVEL": "debug",
+        "EXTAUTHZ_LAST_USED_FLUSH": "0.5s",
+        "EXTAUTHZ_FLUSH_INTERVAL": "0.2s",
+        **extra,
+    }
+    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
+        env.pop(name, None)
+    policy = data / "policy.yaml"
+    policy.write_text(policy_text)
+    env["EXTAUTHZ_POLICY_FILE"] = str(policy)
+    return env
+
+
+@contextmanager
+def running_stack(
+    data: Path,
+    mode: str,
+    policy_text: str,
+    backend: Any = None,
+    als: bool = True,
+    **extra: str,
+) -> Iterator[Stack]:
+    """Backend <- Envoy <- extauthz serve (with its access-log receiver unless ``als``
+    is False), all on free loopback ports; stopped and checked on exit."""
+    env = sidecar_env(data, policy_text, **extra)
+    runtime = Runtime.open(load_settings(environ=env))
+    backend = (backend or EchoBackend()).start()
+    sidecar, authz_port, als_port = start_sidecar(env, data / "sidecar.log", mode)
+    config = render(
+        listen=("127.0.0.1", 0),
+        upstream=("127.0.0.1", backend.port),
+        authz=[("127.0.0.1", authz_port)],
+        admin=("127.0.0.1", 0),
+        mode=mode,
+        als=[("127.0.0.1", als_port)] if als else None,
+    )
+    envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
+    try:
+        envoy.start()
+        port = envoy.listener_port()
+        yield Stack(
+            f"http://127.0.0.1:{port}",
+            port,
+            env,
+            runtime,
+            backend,
+            sidecar,
+            envoy,
+            data / "sidecar.log",
+        )
+    finally:
+        envoy.stop()
+        code = stop(sidecar)
+        backend.stop()
+        runtime.close()
+    assert code == 0, "extauthz serve did not stop cleanly"
+
+
 @pytest.fixture(scope="module", params=["grpc", "http"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -101,46 +177,8 @@ def stack(
     """The whole stack, once with Envoy calling us over gRPC and once over HTTP."""
     mode = request.param
     data = tmp_path_factory.mktemp(f"stack-{mode}")
-    # Debug logging, so the secrets test below has every log line there is to search.
-    env = {
-        **os.environ,
-        "EXTAUTHZ_DATA_DIR": str(data),
-        "EXTAUTHZ_LOG_LEVEL": "debug",
-        "EXTAUTHZ_LAST_USED_FLUSH": "0.5s",
-    }
-    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
-        env.pop(name, None)
-    policy = data / "policy.yaml"
-    policy.write_text("routes:\n  - path: /healthz\n    public: true\n")
-    env["EXTAUTHZ_POLICY_FILE"] = str(policy)
-    runtime = Runtime.open(load_settings(environ=env))
-    backend = EchoBackend().start()
-    sidecar, authz_port = start_sidecar(env, data / "sidecar.log", mode)
-    config = render(
-        listen=("127.0.0.1", 0),
-        upstream=("127.0.0.1", backend.port),
-        authz=[("127.0.0.1", authz_port)],
-        admin=("127.0.0.1", 0),
-        mode=mode,
-    )
-    envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
-    envoy.start()
-    port = envoy.listener_port()
-    yield Stack(
-        f"http://127.0.0.1:{port}",
-        port,
-        env,
-        runtime,
-        backend,
-        sidecar,
-        envoy,
-        data / "sidecar.log",
-    )
-    envoy.stop()
-    code = stop(sidecar)
-    backend.stop()
-    runtime.close()
-    assert code == 0, "extauthz serve did not stop cleanly"
+    with running_stack(data, mode, "routes:\n  - path: /healthz\n    public: true\n") as s:
+        yield s
 
 
 def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> float:  # type: ignore[no-untyped-def]

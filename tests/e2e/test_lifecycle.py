@@ -92,7 +92,7 @@ def test_sidecar_down_means_503_never_allow(tmp_path: Path, mode: str) -> None:
 def test_sigterm_stops_serve_cleanly(tmp_path: Path, mode: str) -> None:
     """`extauthz serve` exits 0 on SIGTERM and logs that it stopped."""
     log = tmp_path / "serve.log"
-    proc, _ = start_sidecar(clean_env(tmp_path), log, mode)
+    proc, _, _ = start_sidecar(clean_env(tmp_path), log, mode)
     assert stop(proc) == 0
     assert "stopped" in log.read_text()
 
