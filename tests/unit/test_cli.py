@@ -194,3 +194,42 @@ def test_pepper_from_environment_needs_no_file(
     result = run_json(capsys, "init")
     assert result["pepper_file"] is None  # type: ignore[index]
     assert not (data_dir / "pepper").exists()
+
+
+def test_quota_show_reports_todays_counts_against_the_tier(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quota show --json` gives today's requests and tokens against the policy's limits
+    (a tenant override here), as written by the seed API in another runtime."""
+    from extauthz import open_runtime
+
+    policy = data_dir / "policy.yaml"
+    policy.write_text("tenants:\n  t_q: {requests_per_day: 7}\n")
+    monkeypatch.setenv("EXTAUTHZ_POLICY_FILE", str(policy))
+    run(capsys, "tenants", "create", "q", "--id", "t_q")
+    rt = open_runtime()
+    rt.quota("t_q").record_usage(tokens=40)
+    rt.close()
+    shown = run_json(capsys, "quota", "show", "q")
+    assert isinstance(shown, dict)
+    assert shown["requests_today"] == 1
+    assert shown["requests_remaining"] == 6
+    assert shown["tokens_today"] == 40
+    assert shown["policy_version"] != "builtin"
+    assert run(capsys, "quota", "show", "nobody")[0] == 3
+
+
+def test_audit_list_shows_events_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit list --json` returns the stored events, filtered by --action."""
+    from extauthz import open_runtime
+
+    rt = open_runtime()
+    rt.audit.log_config_changed("failure", "abc", {"error": "x.yaml:1: bad"})
+    rt.audit.log_quota_exceeded("t_1")
+    rt.close()
+    events = run_json(capsys, "audit", "list", "--action", "CONFIG_CHANGED")
+    assert isinstance(events, list)
+    assert [(e["action"], e["outcome"]) for e in events] == [("CONFIG_CHANGED", "failure")]
+    code, out, _ = run(capsys, "audit", "list")
+    assert code == 0
+    assert "QUOTA_EXCEEDED" in out
