@@ -21,10 +21,22 @@ from bench.load import check_request
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.authorizer import Authorizer
 from extauthz.keys import Pepper, generate_key
+from extauthz.limits.gate import LimitGate
+from extauthz.limits.memory import MemoryCounters
 from extauthz.model import CheckInput
+from extauthz.policy import parse_policy
 from extauthz.store import open_store
 from extauthz.tenants import TenantManager
 from extauthz.transport.grpc_authz import GrpcAuthz
+
+# Limits nobody reaches in a benchmark, so every request takes the allow path.
+UNLIMITED = """
+tiers:
+  professional:
+    requests_per_day: 1000000000000
+    concurrent: 1000000000
+    rate_limit: {requests_per_minute: 1000000000000, burst: 1000000000}
+"""
 
 
 def per_call_us(fn: Callable[[], object], n: int) -> float:
@@ -50,12 +62,31 @@ def measure(n: int = 20000) -> dict[str, float]:
     request = CheckInput("GET", "/v1/items", {"x-api-key": key, "user-agent": "bench"})
     raw = check_request(key, "/v1/items")
     grpc_authz = GrpcAuthz(authorizer)
+    # The full pipeline: every limit checked and charged, the slot released as the
+    # access-log entry would release it.
+    counters = MemoryCounters(lease_ttl=60)
+    limited = Authorizer(resolver, policy=parse_policy(UNLIMITED), gate=LimitGate(counters))
+    limited_grpc = GrpcAuthz(limited)
+    with_id = CheckInput(
+        "GET", "/v1/items", {"x-api-key": key, "user-agent": "bench"}, request_id="r1"
+    )
+
+    def limited_check() -> None:
+        limited.check(with_id)
+        counters.release("r1")
+
+    def limited_grpc_check() -> None:
+        limited_grpc.check(raw, None)  # type: ignore[arg-type]
+        counters.release("r1")
+
     results = {
         "decision_cache_hit_us": per_call_us(lambda: authorizer.check(request), n),
         "grpc_adapter_cache_hit_us": per_call_us(
             lambda: grpc_authz.check(raw, None),  # type: ignore[arg-type]
             n,
         ),
+        "decision_with_limits_us": per_call_us(limited_check, n),
+        "grpc_adapter_with_limits_us": per_call_us(limited_grpc_check, n),
     }
     # Cache misses, interleaved: invalidate before every call so each reaches SQLite.
     unknown = [generate_key() for _ in range(2000)]

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import core
 from bench.load import check_request, cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
-from bench.setups import SETUPS, Running, Sidecar, bench_env
+from bench.setups import BENCH_TENANT, SETUPS, Running, Sidecar, bench_env
 from extauthz.app import Runtime
 from extauthz.settings import load_settings
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         env = bench_env(workdir / "data")
         runtime = Runtime.open(load_settings(environ=env))
-        tenant = runtime.tenants.create_tenant("bench", "enterprise")
+        tenant = runtime.tenants.create_tenant("bench", "enterprise", BENCH_TENANT)
         _, key = runtime.keys.create_key(tenant.id, "bench")
         runtime.close()
         rounds: list[dict[str, dict[str, Any]]] = []

@@ -82,7 +82,9 @@ def _builtin_filters(key: str) -> list[dict[str, Any]]:
     ]
 
 
-def front_config(setup: str, backend_port: int, authz_port: int, key: str) -> dict[str, Any]:
+def front_config(
+    setup: str, backend_port: int, authz_port: int, key: str, als_port: int = 0
+) -> dict[str, Any]:
     mode = "http" if setup == "D" else "grpc"
     config = render(
         listen=("127.0.0.1", 0),
@@ -90,6 +92,7 @@ def front_config(setup: str, backend_port: int, authz_port: int, key: str) -> di
         authz=[("127.0.0.1", authz_port or 9)],
         admin=("127.0.0.1", 0),
         mode=mode,
+        als=[("127.0.0.1", als_port)] if als_port else None,
     )
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     if setup == "A":
@@ -116,6 +119,8 @@ class Sidecar:
             mode,
             f"--{mode}-addr",
             "127.0.0.1:0",
+            "--als-addr",
+            "127.0.0.1:0",
             "--json",
         ]
         if workers > 1:
@@ -129,6 +134,9 @@ class Sidecar:
             raise RuntimeError(f"sidecar did not start: {self.log.read_text()}")
         ready = json.loads(line)
         self.ports: list[int] = ready.get(f"{mode}_ports") or [ready[f"{mode}_port"]]
+        # With several workers Envoy's one access-log stream reaches one of them: the
+        # others free their slots by lease expiry (the bench tenant's limits are huge).
+        self.als_port: int = ready["als_port"]
 
     @property
     def pid(self) -> int:
@@ -158,11 +166,13 @@ class Running:
         try:
             self.backend_port = self.backend.listener_port()
             authz_ports: list[int] = []
+            als_port = 0
             if base in ("C", "D"):
                 self.sidecar = Sidecar("grpc" if base == "C" else "http", env, workdir, workers)
                 authz_ports = self.sidecar.ports
+                als_port = self.sidecar.als_port
             config = front_config(
-                base, self.backend_port, authz_ports[0] if authz_ports else 0, key
+                base, self.backend_port, authz_ports[0] if authz_ports else 0, key, als_port
             )
             if len(authz_ports) > 1:  # several worker processes: one endpoint each
                 cluster = config["static_resources"]["clusters"][1]
@@ -187,8 +197,24 @@ class Running:
                 proc.stop()
 
 
+BENCH_TENANT = "t_bench"
+# The full pipeline runs (every limit checked, charged and released through the access
+# log), with limits no benchmark reaches, so every request takes the allow path.
+BENCH_POLICY = f"""
+tenants:
+  {BENCH_TENANT}:
+    requests_per_day: 1000000000000
+    concurrent: 1000000000
+    rate_limit: {{requests_per_minute: 1000000000000, burst: 1000000000}}
+"""
+
+
 def bench_env(data_dir: Path) -> dict[str, str]:
     env = {**os.environ, "EXTAUTHZ_DATA_DIR": str(data_dir), "EXTAUTHZ_LOG_LEVEL": "warning"}
     for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG", "EXTAUTHZ_MODE"):
         env.pop(name, None)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    policy = data_dir / "policy.yaml"
+    policy.write_text(BENCH_POLICY)
+    env["EXTAUTHZ_POLICY_FILE"] = str(policy)
     return env

@@ -134,6 +134,26 @@ class Decision:
     body: bytes = b""
     # False for per-request answers (RateLimit counts): transports must not cache them.
     reusable: bool = True
+    # For a per-request allow: the reusable decision it extends with client_headers, so
+    # a transport can reuse that one's cached encoding and append only the new headers.
+    base: Decision | None = None
+
+    def with_client_headers(self, headers: tuple[tuple[str, str], ...]) -> Decision:
+        """This (reusable) decision plus per-request client headers; built by hand
+        because dataclasses.replace costs several microseconds on the hot path."""
+        return Decision(
+            self.allowed,
+            self.status,
+            self.reason,
+            self.message,
+            self.principal,
+            self.upstream_headers,
+            self.remove_headers,
+            headers,
+            self.body,
+            False,
+            self,
+        )
 
 
 @dataclass(frozen=True, slots=True)

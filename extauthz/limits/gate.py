@@ -8,7 +8,6 @@ logged, counted and audited, and nothing is charged (all or nothing, as for a de
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -87,7 +86,7 @@ class LimitGate:
         )
         if verdict.allowed:
             headers = allow_headers(limits, verdict.rate_left, verdict.requests_today, day_ends_in)
-            return dataclasses.replace(allowed, client_headers=headers, reusable=False)
+            return allowed.with_client_headers(headers)
         by = verdict.denied_by or RATE
         reason = REASON_OF[by]
         retry = whole_seconds(day_ends_in if by in (DAY, TOKENS_DAY) else verdict.retry_after)

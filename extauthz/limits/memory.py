@@ -70,32 +70,34 @@ class MemoryCounters(Counters):
 
     def acquire(self, ask: Ask) -> Verdict:
         limits = ask.limits
+        tenant_bucket = "t:" + ask.tenant_id
         with self._lock:
             now = self._now()
             held = self._expire(ask.tenant_id, now)
             counts = self._days.get((ask.tenant_id, ask.day)) or [0, 0]
-
-            def refused(by: str, retry: float = 0.0, left: float | None = None) -> Verdict:
-                if left is None:
-                    left = self._level("t:" + ask.tenant_id, limits.rate_limit, now)
-                return Verdict(False, by, retry, counts[0], counts[1], left, len(held))
-
-            tenant_take = self._take("t:" + ask.tenant_id, limits.rate_limit, now, ask.cost)
+            tenant_take = self._take(tenant_bucket, limits.rate_limit, now, ask.cost)
             if not tenant_take[0]:
-                return refused(RATE, tenant_take[1], tenant_take[2])
+                return self._refused(RATE, tenant_take[1], tenant_take[2], counts, held)
             key_take = None
             if limits.key_rate_limit is not None:
                 key_take = self._take("k:" + ask.key_id, limits.key_rate_limit, now, ask.cost)
                 if not key_take[0]:
-                    return refused(KEY_RATE, key_take[1])
+                    return self._refused(KEY_RATE, key_take[1], tenant_take[2], counts, held)
+            by = None
             if counts[0] + ask.cost > limits.requests_per_day:
-                return refused(DAY)
-            if limits.tokens_per_day is not None and counts[1] + ask.tokens > limits.tokens_per_day:
-                return refused(TOKENS_DAY)
-            if len(held) >= limits.concurrent:
-                return refused(CONCURRENT)
+                by = DAY
+            elif (
+                limits.tokens_per_day is not None and counts[1] + ask.tokens > limits.tokens_per_day
+            ):
+                by = TOKENS_DAY
+            elif len(held) >= limits.concurrent:
+                by = CONCURRENT
+            if by is not None:
+                # Nothing was taken: the bucket's level is as it was before this request.
+                level = tenant_take[2] + min(ask.cost, limits.rate_limit.burst)
+                return self._refused(by, 0.0, level, counts, held)
             # Every limit passed: charge them all.
-            self._store("t:" + ask.tenant_id, limits.rate_limit, tenant_take)
+            self._store(tenant_bucket, limits.rate_limit, tenant_take)
             if key_take is not None and limits.key_rate_limit is not None:
                 self._store("k:" + ask.key_id, limits.key_rate_limit, key_take)
             counts = self._count(ask.tenant_id, ask.day, ask.cost, ask.tokens)
@@ -106,6 +108,12 @@ class MemoryCounters(Counters):
             self._leases[lease_id] = _Lease(ask.tenant_id, ask.key_id, ask.day, ask.tokens, expires)
             held[lease_id] = expires
             return Verdict(True, None, 0.0, counts[0], counts[1], tenant_take[2], len(held))
+
+    @staticmethod
+    def _refused(
+        by: str, retry: float, level: float, counts: list[int], held: OrderedDict[str, float]
+    ) -> Verdict:
+        return Verdict(False, by, retry, counts[0], counts[1], level, len(held))
 
     def _take(
         self, bucket_id: str, rate: RateLimit, now: float, cost: int
@@ -120,9 +128,12 @@ class MemoryCounters(Counters):
     def _store(
         self, bucket_id: str, rate: RateLimit, taken: tuple[bool, float, float, float]
     ) -> None:
-        self._buckets[bucket_id] = _Bucket(
-            taken[2], taken[3], float(rate.burst), rate.requests_per_minute / 60.0
-        )
+        state = self._buckets.get(bucket_id)
+        if state is None:
+            state = self._buckets[bucket_id] = _Bucket(0.0, 0.0, 0.0, 0.0)
+        # Capacity and rate follow the policy of the moment (a reload may change them).
+        state.level, state.updated = taken[2], taken[3]
+        state.capacity, state.rate = float(rate.burst), rate.requests_per_minute / 60.0
 
     def _level(self, bucket_id: str, rate: RateLimit, now: float) -> float:
         return self._take(bucket_id, rate, now, 0)[2]

@@ -40,6 +40,44 @@ def _header(name: str, value: str) -> Any:
     return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value))
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SHORT = [_varint(n) for n in range(16384)]  # lengths of header-sized payloads
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    size = len(payload)
+    return tag + (_SHORT[size] if size < 16384 else _varint(size)) + payload
+
+
+# Wire tags (field number << 3 | length-delimited) of the fields below.
+_OK_RESPONSE, _HEADERS_TO_ADD, _HEADER, _KEY, _VALUE = b"\x1a", b"\x32", b"\x0a", b"\x0a", b"\x12"
+
+
+def response_headers_suffix(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """``CheckResponse{ok_response{response_headers_to_add: headers}}`` on the wire.
+
+    Appended to an encoded allow, protobuf merges the two (a repeated embedded message
+    field concatenates), so the cached allow is reused and only these few bytes are
+    built per request: about 2 us instead of 40 us for a fresh message (bench.core).
+    """
+    options = b"".join(
+        _field(
+            _HEADERS_TO_ADD,
+            _field(_HEADER, _field(_KEY, k.encode()) + _field(_VALUE, v.encode())),
+        )
+        for k, v in headers
+    )
+    return _field(_OK_RESPONSE, options)
+
+
 def encode(decision: Decision) -> bytes:
     if decision.allowed:
         response = authz_pb2.CheckResponse(
@@ -115,7 +153,12 @@ class GrpcAuthz:
             checked = to_input(request)
             if checked is None:
                 return self._invalid
-            return self._encoded(self.authorizer.check(checked))
+            decision = self.authorizer.check(checked)
+            if decision.base is not None:
+                return self._encoded(decision.base) + response_headers_suffix(
+                    decision.client_headers
+                )
+            return self._encoded(decision)
         except Exception:
             # Fail closed with an explicit answer; the traceback stays in our log.
             log.exception("check failed")

@@ -111,7 +111,10 @@ class _Protocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         try:
             decision = self.server.check(self._input())
-            payload = self.server.encode(decision) if keep_alive else render(decision, False)
+            if decision.base is not None and not decision.body and keep_alive:
+                payload = self.server.with_headers(decision.base, decision.client_headers)
+            else:
+                payload = self.server.encode(decision) if keep_alive else render(decision, False)
         except Exception:
             log.exception("check failed")  # fail closed with an explicit answer
             payload = self.server.internal_error
@@ -171,6 +174,12 @@ class HttpAuthzServer:
         self.connections: set[_Protocol] = set()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
+
+    def with_headers(self, base: Decision, headers: tuple[tuple[str, str], ...]) -> bytes:
+        """``base``'s cached answer (which has no body) with ``headers`` added before
+        its blank line: a per-request allow without rendering it all again."""
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        return self.encode(base)[:-2] + extra.encode() + b"\r\n"
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()

@@ -209,3 +209,38 @@ def test_port_in_use_is_a_clear_error() -> None:
             GrpcServer([], workers=1).bind(f"127.0.0.1:{port}")
     finally:
         first.stop(0)
+
+
+def test_per_request_ratelimit_headers_merge_into_the_cached_allow(
+    authorizer: Authorizer, acme_key: tuple[str, str]
+) -> None:
+    """An allow with limits is the cached allow's bytes plus a hand-encoded suffix; it
+    parses as one CheckResponse holding the identity headers, the key removal and the
+    client's RateLimit headers (long values too: multi-byte lengths)."""
+    from extauthz.limits.gate import LimitGate
+    from extauthz.limits.memory import MemoryCounters
+    from extauthz.transport.grpc_authz import encode, response_headers_suffix
+
+    authorizer.gate = LimitGate(MemoryCounters())
+    grpc_authz = GrpcAuthz(authorizer)
+    raw = grpc_authz.check(make_request({"x-api-key": acme_key[1]}).SerializeToString(), None)  # type: ignore[arg-type]
+    resp = authz_pb2.CheckResponse.FromString(raw)
+    assert resp.status.code == 0
+    assert {h.header.key for h in resp.ok_response.headers} == {
+        "x-tenant-id",
+        "x-tenant-tier",
+        "x-api-key-id",
+    }
+    assert list(resp.ok_response.headers_to_remove) == ["x-api-key"]
+    added = {h.header.key: h.header.value for h in resp.ok_response.response_headers_to_add}
+    assert added["ratelimit-policy"].startswith('"burst";q=200;')
+    assert added["ratelimit"].startswith('"burst";r=199;')
+    long_value = "v" * 20_000
+    decision = Decision(True, 200, "ok").with_client_headers((("x-long", long_value), ("a", "")))
+    merged = authz_pb2.CheckResponse.FromString(
+        encode(Decision(True, 200, "ok")) + response_headers_suffix(decision.client_headers)
+    )
+    assert [(h.header.key, h.header.value) for h in merged.ok_response.response_headers_to_add] == [
+        ("x-long", long_value),
+        ("a", ""),
+    ]

@@ -143,3 +143,38 @@ def test_fuzzed_bytes_get_an_http_answer_or_close(port: int, payload: bytes) -> 
             data = b""
     assert data == b"" or data.startswith(b"HTTP/1.1 4")
     assert exchange(port, request()).startswith(b"HTTP/1.1 401")
+
+
+def test_allow_with_limits_adds_ratelimit_headers_and_reads_the_body(
+    authorizer: Authorizer, acme_key: tuple[str, str]
+) -> None:
+    """With limits on, a keep-alive allow carries the RateLimit headers in a well-formed
+    head (two in a row on one connection), and a POSTed JSON body's max_tokens is
+    checked (here above the professional cap: 400)."""
+    from extauthz.limits.gate import LimitGate
+    from extauthz.limits.memory import MemoryCounters
+    from extauthz.policy import parse_policy
+
+    authorizer.gate = LimitGate(MemoryCounters())
+    authorizer.policy = parse_policy("tokens: {body_field: max_tokens}\n")
+    server = HttpAuthzThread(authorizer)
+    port = server.start("127.0.0.1", 0)
+    try:
+        one = request("/v1", f"x-api-key: {acme_key[1]}")
+        replies = exchange(port, one + one + request("/v1", "connection: close"))
+        first, second = replies.split(b"HTTP/1.1 200 OK\r\n")[1:3]
+        for head in (first, second):
+            assert b"x-tenant-id: acme\r\n" in head
+            assert b'ratelimit-policy: "burst";q=200;w=4, "daily";q=100000;w=86400\r\n' in head
+            assert b"content-length: 0\r\n" in head
+        assert b'ratelimit: "burst";r=198;' in second
+        body = b'{"max_tokens": 40000}'
+        post = (
+            f"POST /v1 HTTP/1.1\r\nhost: api\r\nx-api-key: {acme_key[1]}\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode() + body
+        reply = exchange(port, post)
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert b'"error": "token_limit_exceeded"' in reply
+    finally:
+        server.stop(1)
