@@ -21,7 +21,7 @@ from extauthz.audit import AuditLogger
 from extauthz.authorizer import Authorizer
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.envoyconf import parse_hostport
-from extauthz.errors import ConfigError, ExtauthzError
+from extauthz.errors import ConfigError, ExtauthzError, UnknownTenantError
 from extauthz.keys import Pepper, check_prefix
 from extauthz.limits.gate import LimitGate
 from extauthz.limits.memory import MemoryCounters
@@ -158,15 +158,17 @@ class Runtime:
         """The seed's quota API for one tenant (is_within_quota, record_usage, ...)."""
         tenant = self.tenants.get_tenant(tenant_id)
         if tenant is None:
-            from extauthz.errors import UnknownTenantError
-
             raise UnknownTenantError(f"no tenant {tenant_id!r}")
         return TenantQuota(tenant.id, tenant.tier, self.counters, lambda: self.policy, self.clock)
 
     def flush(self) -> None:
-        """Write daily counts and audit events now (upkeep does this every flush_interval)."""
-        self.journal.flush()
-        self.audit.flush()
+        """Write daily counts and audit events now (upkeep does this every flush_interval).
+        Both are tried; what fails stays queued for the next flush, and the error is
+        raised."""
+        try:
+            self.journal.flush()
+        finally:
+            self.audit.flush()
 
     def close(self) -> None:
         try:
@@ -331,8 +333,10 @@ class StopSignals:
         }
         self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
 
-    def _hangup(self, _signum: int, _frame: FrameType | None) -> None:
-        if self.on_reload is not None:
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        if self.on_reload is None:
+            self._handler(signum, frame)  # nothing to reload: a hang-up stops, as before
+        else:
             self.on_reload()
 
     def _handler(self, signum: int, _frame: FrameType | None) -> None:

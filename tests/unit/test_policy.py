@@ -36,6 +36,8 @@ ERRORS = {
     "tenant_float.yaml": "3: tenants.t_1.requests_per_day must be a whole number, not 2.5",
     "python_tag.yaml": "3: tiers.free.concurrent: could not determine a constructor for "
     "the tag 'tag:yaml.org,2002:python/name:os.system'",
+    "tokens_per_day_negative.yaml": "3: tenants.t_1.tokens_per_day must be at least 0, not -5",
+    "key_rate_missing.yaml": "3: tiers.free.key_rate_limit needs requests_per_minute",
     "unknown_top.yaml": "1: unknown key 'limits' in the policy (known: routes, tenants, "
     "tiers, timezone, tokens)",
 }
