@@ -56,14 +56,24 @@ def policy_header(limits: Limits, by: str | None = None) -> str:
     return _policy_item(RATE, limits) + ", " + _policy_item(DAY, limits)
 
 
+# Limits objects live as long as their policy snapshot; hashing a frozen dataclass of
+# nine fields on every request (lru_cache) cost more than the rest of this function.
+_ALLOW_POLICY: dict[int, tuple[Limits, str]] = {}
+
+
 def allow_headers(
     limits: Limits, rate_left: float, requests_today: int, day_ends_in: float
 ) -> tuple[tuple[str, str], ...]:
+    cached = _ALLOW_POLICY.get(id(limits))
+    if cached is None or cached[0] is not limits:
+        if len(_ALLOW_POLICY) > 4096:
+            _ALLOW_POLICY.clear()
+        cached = _ALLOW_POLICY[id(limits)] = (limits, policy_header(limits))
     rate = limits.rate_limit
     refill = (rate.burst - rate_left) * 60 / rate.requests_per_minute
     left_today = max(0, limits.requests_per_day - requests_today)
     return (
-        ("ratelimit-policy", policy_header(limits)),
+        ("ratelimit-policy", cached[1]),
         (
             "ratelimit",
             f'"burst";r={math.floor(rate_left)};t={whole_seconds(refill) if refill > 0 else 0}, '
