@@ -131,7 +131,9 @@ def running_stack(
     mode: str,
     policy_text: str,
     backend: Any = None,
+    *,
     als: bool = True,
+    body_bytes: int | None = None,
     **extra: str,
 ) -> Iterator[Stack]:
     """Backend <- Envoy <- extauthz serve (with its access-log receiver unless ``als``
@@ -147,6 +149,7 @@ def running_stack(
         admin=("127.0.0.1", 0),
         mode=mode,
         als=[("127.0.0.1", als_port)] if als else None,
+        body_bytes=body_bytes,
     )
     envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
     try:
