@@ -78,11 +78,13 @@ class MemoryCounters(Counters):
             tenant_take = self._take(tenant_bucket, limits.rate_limit, now, ask.cost)
             if not tenant_take[0]:
                 return self._refused(RATE, tenant_take[1], tenant_take[2], counts, held)
+            # The tenant bucket's level as it stays if this request is refused below.
+            untaken = tenant_take[2] + min(ask.cost, limits.rate_limit.burst)
             key_take = None
             if limits.key_rate_limit is not None:
                 key_take = self._take("k:" + ask.key_id, limits.key_rate_limit, now, ask.cost)
                 if not key_take[0]:
-                    return self._refused(KEY_RATE, key_take[1], tenant_take[2], counts, held)
+                    return self._refused(KEY_RATE, key_take[1], untaken, counts, held)
             by = None
             if counts[0] + ask.cost > limits.requests_per_day:
                 by = DAY
@@ -93,9 +95,7 @@ class MemoryCounters(Counters):
             elif len(held) >= limits.concurrent:
                 by = CONCURRENT
             if by is not None:
-                # Nothing was taken: the bucket's level is as it was before this request.
-                level = tenant_take[2] + min(ask.cost, limits.rate_limit.burst)
-                return self._refused(by, 0.0, level, counts, held)
+                return self._refused(by, 0.0, untaken, counts, held)
             # Every limit passed: charge them all.
             self._store(tenant_bucket, limits.rate_limit, tenant_take)
             if key_take is not None and limits.key_rate_limit is not None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +134,7 @@ def running_stack(
     *,
     als: bool = True,
     body_bytes: int | None = None,
+    tweak: Callable[[dict[str, Any]], None] | None = None,
     **extra: str,
 ) -> Iterator[Stack]:
     """Backend <- Envoy <- extauthz serve (with its access-log receiver unless ``als``
@@ -151,6 +152,8 @@ def running_stack(
         als=[("127.0.0.1", als_port)] if als else None,
         body_bytes=body_bytes,
     )
+    if tweak is not None:
+        tweak(config)
     envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
     try:
         envoy.start()

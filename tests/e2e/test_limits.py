@@ -321,3 +321,26 @@ def test_without_access_log_entries_a_slot_is_freed_by_lease_expiry(tmp_path: Pa
         wait_until(lambda: get(s.port, "/fast", [("x-api-key", key)]).status == 200, 5)
         freed_after = time.monotonic() - taken
     assert 0.8 < freed_after < 2.0
+
+
+def test_an_upstream_timeout_frees_the_slot(tmp_path: Path) -> None:
+    """BAD_INPUTS #14: a request Envoy times out upstream (504 after 0.5 s) frees its
+    slot through its access-log entry, long before the 60 s lease would."""
+
+    def route_timeout(config: dict[str, object]) -> None:
+        listener = config["static_resources"]["listeners"][0]  # type: ignore[index]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] = "0.5s"
+
+    backend = TestBackend()
+    policy = "tenants:\n  t_one: {concurrent: 1}\n"
+    with running_stack(tmp_path, "grpc", policy, backend, tweak=route_timeout) as s:
+        s.runtime.tenants.create_tenant("t_one", TenantTier.ENTERPRISE, "t_one")
+        key = key_for(s, "t_one")
+        backend.hold()
+        try:
+            assert get(s.port, "/slow", [("x-api-key", key)]).status == 504
+            freed = wait_until(lambda: get(s.port, "/fast", [("x-api-key", key)]).status == 200, 5)
+        finally:
+            backend.release()
+    assert freed < 1.0
