@@ -233,3 +233,39 @@ def test_audit_list_shows_events_as_json(capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run(capsys, "audit", "list")
     assert code == 0
     assert "QUOTA_EXCEEDED" in out
+
+
+def test_envoy_config_follows_the_policy_token_source(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a body field in the policy, the rendered Envoy config sends bodies (up to
+    max_body_bytes, no partial bodies) and forwards the policy's token header; the
+    access log goes to EXTAUTHZ_ALS_ADDR and logs the usage headers."""
+    import yaml
+
+    policy = data_dir / "policy.yaml"
+    policy.write_text("tokens: {header: x-token-budget, body_field: max_tokens}\n")
+    monkeypatch.setenv("EXTAUTHZ_POLICY_FILE", str(policy))
+    monkeypatch.setenv("EXTAUTHZ_ALS_ADDR", "127.0.0.1:9555")
+    monkeypatch.setenv("EXTAUTHZ_MAX_BODY_BYTES", "2048")
+    code, out, _ = run(capsys, "envoy-config")
+    assert code == 0
+    config = yaml.safe_load(out)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    ext_authz = hcm["typed_config"]["http_filters"][0]["typed_config"]
+    assert ext_authz["with_request_body"] == {
+        "max_request_bytes": 2048,
+        "allow_partial_message": False,
+        "pack_as_bytes": True,
+    }
+    forwarded = [p["exact"] for p in ext_authz["allowed_headers"]["patterns"]]
+    assert "x-token-budget" in forwarded
+    log = hcm["typed_config"]["access_log"][0]["typed_config"]
+    assert log["common_config"]["buffer_flush_interval"] == "0.02s"
+    assert log["additional_response_headers_to_log"] == [
+        "x-usage-input-tokens",
+        "x-usage-output-tokens",
+    ]
+    als = next(c for c in config["static_resources"]["clusters"] if c["name"] == "extauthz_als")
+    endpoint = als["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == 9555
