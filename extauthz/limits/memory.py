@@ -139,10 +139,15 @@ class MemoryCounters(Counters):
         return self._take(bucket_id, rate, now, 0)[2]
 
     def _count(self, tenant_id: str, day: str, requests: int, tokens: int) -> list[int]:
-        counts = self._days.setdefault((tenant_id, day), [0, 0])
+        key = (tenant_id, day)
+        counts = self._days.get(key)
+        if counts is None:
+            counts = self._days[key] = [0, 0]
         counts[0] += requests
         counts[1] = max(0, counts[1] + tokens)
-        change = self._changes.setdefault((tenant_id, day), [0, 0])
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = [0, 0]
         change[0] += requests
         change[1] += tokens
         return counts
@@ -152,8 +157,8 @@ class MemoryCounters(Counters):
         if held is None:
             held = self._held[tenant_id] = OrderedDict()
         while held:
-            lease_id, expires = next(iter(held.items()))
-            if expires > now:
+            lease_id = next(iter(held))
+            if held[lease_id] > now:
                 break
             del held[lease_id]
             self._leases.pop(lease_id, None)
