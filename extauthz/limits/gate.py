@@ -112,16 +112,19 @@ class LimitGate:
         principal = allowed.principal
         if principal is None:  # apply() only gets here with an identified request
             return denial
-        if limits.shadow:
-            log.info(
-                "shadow: would deny reason=%s tenant=%s key_id=%s",
-                reason,
-                principal.tenant_id,
-                principal.key_id,
-            )
-        if self.audit is not None:
-            held = self.throttle.admit((principal.tenant_id, reason, outcome))
-            if held is not None:
+        # Logged and audited at most once per tenant, reason and second (Throttle): a
+        # tenant hammering a limit must not flood either.
+        held = self.throttle.admit((principal.tenant_id, reason, outcome))
+        if held is not None:
+            if limits.shadow:
+                log.info(
+                    "shadow: would deny reason=%s tenant=%s key_id=%s (%d unlogged since the last)",
+                    reason,
+                    principal.tenant_id,
+                    principal.key_id,
+                    held,
+                )
+            if self.audit is not None:
                 self.audit.event(
                     QUOTA_EXCEEDED if reason == "daily_quota_exceeded" else RATE_LIMITED,
                     outcome,

@@ -21,6 +21,7 @@ log = logging.getLogger("extauthz.als")
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 MAX_TOKENS = 10**15
+_WARNED: set[str] = set()
 # (request id, actual tokens or None, response code) for each finished request.
 Finished = Callable[[str, int | None, int], None]
 
@@ -35,7 +36,11 @@ def reported_tokens(headers: Any, names: tuple[str, ...]) -> int | None:
             continue
         text = value.strip()
         if not text.isascii() or not text.isdigit() or len(text) > 16:
-            log.warning("ignoring usage header %s: not a whole number", name)
+            # Once per header name: a misbehaving upstream must not flood the log.
+            (log.debug if name in _WARNED else log.warning)(
+                "ignoring usage header %s: not a whole number", name
+            )
+            _WARNED.add(name)
             continue
         total += int(text)
         seen = True
