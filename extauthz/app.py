@@ -1,39 +1,27 @@
-"""Composition root: Settings -> store, pepper, counters, managers -> Authorizer ->
-transports (Check over gRPC and/or HTTP, and the access-log receiver).
+"""Composition root: Settings -> store, pepper, counters, audit, managers -> Authorizer.
 
-Also the process lifecycle: background upkeep (cache refresh, last-used writes, daily
-counts and audit events to the store, lease expiry, policy reload) and a graceful stop
-on SIGTERM/SIGINT that answers in-flight checks and writes what is queued before exiting.
+The Runtime is what both the CLI and the server build; sidecar.py runs it as a server.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import signal
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.audit import AuditLogger
 from extauthz.authorizer import Authorizer
 from extauthz.clock import SYSTEM_CLOCK, Clock
-from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError, UnknownTenantError
 from extauthz.keys import Pepper, check_prefix
 from extauthz.limits.gate import LimitGate
 from extauthz.limits.memory import MemoryCounters
 from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
 from extauthz.policy import Policy, load_policy
-from extauthz.reload import PolicyWatcher
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
 from extauthz.tenants import TenantManager
-from extauthz.transport.als import AccessLogReceiver
-from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
-from extauthz.transport.http_authz import HttpAuthzThread
 
 log = logging.getLogger("extauthz")
 
@@ -176,183 +164,3 @@ class Runtime:
         except ExtauthzError as exc:
             log.error("could not write daily counts / audit events on close: %s", exc)
         self.store.close()
-
-
-class Upkeep(threading.Thread):
-    """Polls the store's revision (so revocations from other processes land within
-    ``revocation_poll``) and the policy file; writes last-used times, daily counts and
-    audit events in batches; expires overdue concurrency leases."""
-
-    def __init__(self, runtime: Runtime, watcher: PolicyWatcher | None = None) -> None:
-        super().__init__(name="extauthz-upkeep", daemon=True)
-        self.runtime = runtime
-        self.watcher = watcher
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        settings = self.runtime.settings
-        clock = self.runtime.clock
-        next_touch = clock.monotonic() + settings.last_used_flush
-        next_flush = clock.monotonic() + settings.flush_interval
-        while not self.stopping.wait(min(settings.revocation_poll, settings.flush_interval)):
-            try:
-                self.runtime.resolver.refresh()
-                if self.watcher is not None:
-                    self.watcher.poll()
-                if clock.monotonic() >= next_flush:
-                    next_flush = clock.monotonic() + settings.flush_interval
-                    self.runtime.counters.maintain(self._days())
-                    self.runtime.flush()
-                if clock.monotonic() >= next_touch:
-                    next_touch = clock.monotonic() + settings.last_used_flush
-                    self.runtime.resolver.flush_last_used()
-            except ExtauthzError as exc:
-                log.warning("store upkeep failed: %s", exc)
-            except Exception:
-                # Keep polling: a dead upkeep thread would silently stop revocations.
-                log.exception("store upkeep failed unexpectedly")
-
-    def _days(self) -> frozenset[str]:
-        """Today and yesterday in the policy's zone: counts of older days are dropped."""
-        now = self.runtime.clock.now()
-        zone = self.runtime.policy.timezone
-        return frozenset(quota_window(t, zone)[0] for t in (now, now - 86_400))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join()
-        try:
-            self.runtime.resolver.flush_last_used()
-        except ExtauthzError as exc:
-            log.warning("could not write last-used times on stop: %s", exc)
-
-
-class Sidecar:
-    """The running authorization service: gRPC Check and/or the HTTP-service endpoint,
-    the access-log receiver, and upkeep. Both transports share one Authorizer (one
-    cache, one store, one set of counters)."""
-
-    def __init__(self, runtime: Runtime, mode: str | None = None) -> None:
-        self.runtime = runtime
-        self.mode = mode or runtime.settings.mode
-        self.authorizer = runtime.authorizer()
-        self.watcher: PolicyWatcher | None = None
-        if runtime.settings.policy_file is not None:
-            self.watcher = PolicyWatcher(
-                runtime.settings.policy_file, (self.authorizer, runtime), runtime.audit
-            )
-        self.upkeep = Upkeep(runtime, self.watcher)
-        self.als = AccessLogReceiver(self._finished, runtime.settings.usage_headers)
-        self.grpc: GrpcServer | None = None
-        self.als_server: GrpcServer | None = None
-        self.http: HttpAuthzThread | None = None
-        self.ports: dict[str, int] = {}
-
-    def _finished(self, request_id: str, tokens: int | None, _status: int) -> None:
-        self.runtime.counters.release(request_id, tokens)
-
-    def start(
-        self,
-        grpc_addr: str | None = None,
-        http_addr: str | None = None,
-        als_addr: str | None = None,
-    ) -> dict[str, int]:
-        """Bind and start; returns the bound ports, e.g. ``{"grpc_port": 9001, ...}``."""
-        settings = self.runtime.settings
-        try:
-            if self.mode in ("grpc", "both"):
-                addr = grpc_addr or settings.grpc_addr
-                self.grpc = GrpcServer(
-                    [GrpcAuthz(self.authorizer).handler()], workers=settings.grpc_workers
-                )
-                self.ports["grpc_port"] = self.grpc.bind(addr)
-            if self.mode in ("http", "both"):
-                host, port = parse_hostport(http_addr or settings.http_addr, "http address")
-                self.http = HttpAuthzThread(self.authorizer)
-                self.ports["http_port"] = self.http.start(host, port)
-            # One thread per open stream (Envoy opens one per worker thread), apart from
-            # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.
-            self.als_server = GrpcServer([self.als.handler()], workers=64)
-            self.ports["als_port"] = self.als_server.bind(als_addr or settings.als_addr)
-        except OSError as exc:
-            self._stop_transports(0)
-            raise ConfigError(
-                f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR / EXTAUTHZ_ALS_ADDR)"
-            ) from None
-        self.runtime.resolver.refresh()
-        self.upkeep.start()
-        for server in (self.grpc, self.als_server):
-            if server is not None:
-                server.start()
-        for name, port in self.ports.items():
-            log.info("%s listening on port %d", name.split("_")[0], port)
-        return self.ports
-
-    def reload_policy(self) -> None:
-        """Ask for a policy reload (SIGHUP); upkeep does it within revocation_poll."""
-        if self.watcher is None:
-            log.warning(
-                "SIGHUP: no policy file configured (EXTAUTHZ_POLICY_FILE), nothing to reload"
-            )
-            return
-        self.watcher.requested.set()
-
-    def _stop_transports(self, grace: float) -> None:
-        if self.grpc is not None:
-            self.grpc.stop(grace)
-        if self.http is not None:
-            self.http.stop(grace)
-        if self.als_server is not None:
-            # Entries for the checks just answered may still be in flight from Envoy.
-            self.als_server.stop(min(grace, 0.5))
-
-    def stop(self) -> None:
-        grace = self.runtime.settings.shutdown_grace
-        log.info("stopping: answering in-flight checks (up to %.1fs)", grace)
-        self._stop_transports(grace)
-        if self.upkeep.is_alive():
-            self.upkeep.stop()
-        try:
-            self.runtime.flush()
-        except ExtauthzError as exc:
-            log.error("could not write daily counts / audit events on stop: %s", exc)
-        log.info("stopped")
-
-
-class StopSignals:
-    """Catches SIGTERM and SIGINT from the moment it is created, so a signal that arrives
-    while the server is still starting is not lost (nor kills it without a graceful
-    stop): ``wait()`` then returns as soon as it is called."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self.received: list[str] = []
-        self.on_reload: Callable[[], None] | None = None  # SIGHUP
-        self._previous = {
-            sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
-
-    def _hangup(self, signum: int, frame: FrameType | None) -> None:
-        if self.on_reload is None:
-            self._handler(signum, frame)  # nothing to reload: a hang-up stops, as before
-        else:
-            self.on_reload()
-
-    def _handler(self, signum: int, _frame: FrameType | None) -> None:
-        self.received.append(signal.Signals(signum).name)
-        self._stop.set()
-
-    def wait(self, alive: Callable[[], bool] | None = None) -> str:
-        """Block until a signal, or until ``alive()`` turns False; returns the cause."""
-        while not self._stop.wait(0.2):
-            if alive is not None and not alive():
-                return "exited"
-        return self.received[0]
-
-    def __enter__(self) -> StopSignals:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for sig, old in self._previous.items():
-            signal.signal(sig, old)

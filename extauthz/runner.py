@@ -13,13 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from extauthz.app import Runtime, Sidecar, StopSignals
+from extauthz.app import Runtime
 from extauthz.demo import EchoBackend
 from extauthz.envoyconf import parse_hostport, render, to_yaml
 from extauthz.errors import ConfigError
 from extauthz.launcher import EnvoyError, EnvoyProcess
 from extauthz.policy import Policy, load_policy
 from extauthz.settings import MODES, Settings
+from extauthz.sidecar import Sidecar, StopSignals
 
 log = logging.getLogger("extauthz")
 
