@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from cachetools import TTLCache
 
+from extauthz.audit import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, make_event
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import UnknownKeyError, UnknownTenantError
 from extauthz.keys import KeyFormat, Pepper, generate_key
-from extauthz.model import APIKey, Tenant, new_id
+from extauthz.model import APIKey, AuditEvent, Tenant, new_id
 from extauthz.store import Store
 
 _Entry = tuple[APIKey, Tenant]
@@ -149,11 +151,13 @@ class APIKeyManager:
         *,
         prefix: str = "nk",
         resolver: KeyResolver | None = None,
+        actor: str = "admin",
     ) -> None:
         self.store = store
         self.pepper = pepper
         self.clock = clock
         self.prefix = prefix
+        self.actor = actor  # who the audit names for changes made through this manager
         self.resolver = resolver or KeyResolver(store, pepper, clock, prefix=prefix)
 
     def _new(self, tenant_id: str, name: str, expires_in: float | None) -> tuple[APIKey, str]:
@@ -178,9 +182,22 @@ class APIKeyManager:
         if self.store.get_tenant(tenant_id) is None:
             raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
         key, full_key = self._new(tenant_id, name, expires_in)
-        self.store.insert_key(key)
+        detail = {"name": name, "expires_at": key.expires_at}
+        self.store.insert_key(key, [self._event(KEY_CREATED, key, detail)])
         self.resolver.invalidate()
         return key.key_id, full_key
+
+    def _event(self, action: str, key: APIKey, detail: Mapping[str, object]) -> AuditEvent:
+        # Written by the store in the same transaction as the change itself.
+        return make_event(
+            self.clock,
+            action,
+            "success",
+            tenant_id=key.tenant_id,
+            key_id=key.key_id,
+            actor=self.actor,
+            detail=detail,
+        )
 
     def validate_key(self, full_key: str) -> APIKey | None:
         """The key's record if it is valid now (known, not revoked or expired, tenant
@@ -189,7 +206,11 @@ class APIKeyManager:
         return result.key if result.reason is None else None
 
     def revoke_key(self, key_id: str) -> APIKey:
-        key = self.store.revoke_key(key_id, self.clock.now())
+        known = self.store.get_key(key_id)
+        if known is None:
+            raise UnknownKeyError(f"no API key with id {key_id!r}")
+        event = self._event(KEY_REVOKED, known, {"name": known.name})
+        key = self.store.revoke_key(key_id, self.clock.now(), [event])
         self.resolver.invalidate()
         return key
 
@@ -199,7 +220,12 @@ class APIKeyManager:
         if old is None:
             raise UnknownKeyError(f"no API key with id {key_id!r}")
         key, full_key = self._new(old.tenant_id, old.name, None)
-        self.store.rotate_key(key_id, key, self.clock.now() + grace)
+        ends = self.clock.now() + grace
+        events = [
+            self._event(KEY_CREATED, key, {"name": key.name, "rotated_from": key_id}),
+            self._event(KEY_ROTATED, old, {"rotated_to": key.key_id, "old_key_ends_at": ends}),
+        ]
+        self.store.rotate_key(key_id, key, ends, events)
         self.resolver.invalidate()
         return key.key_id, full_key
 

@@ -5,13 +5,16 @@ The Runtime is what both the CLI and the server build; sidecar.py runs it as a s
 
 from __future__ import annotations
 
+import getpass
 import hmac
 import logging
 from dataclasses import dataclass
 
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.audit import AuditLogger
+from extauthz.auditchain import AuditChain, audit_key
 from extauthz.authorizer import Authorizer
+from extauthz.bruteforce import BruteForceGuard
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ConfigError, ExtauthzError, UnknownTenantError
 from extauthz.keys import Pepper, check_prefix
@@ -22,6 +25,7 @@ from extauthz.policy import Policy, load_policy
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
 from extauthz.tenants import TenantManager
+from extauthz.usage import UsageTracker
 
 log = logging.getLogger("extauthz")
 
@@ -62,6 +66,14 @@ def open_secured(settings: Settings) -> tuple[Store, Pepper, bool]:
     return store, pepper, created
 
 
+def admin_actor() -> str:
+    """Who is at the keyboard, for admin actions in the audit: ``admin:<os user>``."""
+    try:
+        return "admin:" + getpass.getuser()
+    except (KeyError, OSError):
+        return "admin"
+
+
 def init(settings: Settings) -> dict[str, object]:
     """Create the pepper file (0600) and the database schema. Safe to run again."""
     store, _, created = open_secured(settings)
@@ -90,7 +102,9 @@ class Runtime:
     counters: MemoryCounters
     journal: QuotaJournal
     audit: AuditLogger
+    usage: UsageTracker
     policy: Policy
+    guard: BruteForceGuard
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -100,6 +114,8 @@ class Runtime:
             policy = load_policy(settings.policy_file)
         # On first use this creates the pepper: the embedded default needs no setup step.
         store, pepper, _ = open_secured(settings)
+        # The audit chain's key comes from the pepper: it never sits in the database.
+        store.audit_chain = AuditChain(audit_key(pepper.secret))
         resolver = KeyResolver(
             store,
             pepper,
@@ -109,7 +125,10 @@ class Runtime:
             negative_ttl=settings.key_cache_negative_ttl,
             size=settings.key_cache_size,
         )
-        keys = APIKeyManager(store, pepper, clock, prefix=settings.key_prefix, resolver=resolver)
+        actor = admin_actor()
+        keys = APIKeyManager(
+            store, pepper, clock, prefix=settings.key_prefix, resolver=resolver, actor=actor
+        )
         counters = MemoryCounters(clock, settings.lease_ttl)
         journal = QuotaJournal(store, counters)
         try:
@@ -117,29 +136,37 @@ class Runtime:
         except BaseException:
             store.close()
             raise
-        return cls(
+        audit = AuditLogger(
+            store, clock, interval=settings.flush_interval, blocking=settings.audit_blocking
+        )
+        runtime = cls(
             settings,
             store,
             clock,
             resolver,
             keys,
-            TenantManager(store, clock),
+            TenantManager(store, clock, actor=actor),
             counters,
             journal,
-            AuditLogger(store, clock),
+            audit,
+            UsageTracker(store, clock, Policy, interval=settings.flush_interval),
             policy,
+            BruteForceGuard(clock),
         )
+        runtime.usage.policy = lambda: runtime.policy  # follows reloads
+        return runtime
 
     def authorizer(self) -> Authorizer:
         if self.settings.policy_file is not None:
             log.info("policy version %s from %s", self.policy.version, self.settings.policy_file)
-        gate = LimitGate(self.counters, self.clock, self.audit)
         return Authorizer(
             self.resolver,
             self.settings.key_headers,
             self.settings.query_key_params,
             self.policy,
-            gate,
+            gate=LimitGate(self.counters, self.clock, self.audit),
+            audit=self.audit,
+            guard=self.guard,
         )
 
     def quota(self, tenant_id: str) -> TenantQuota:
@@ -150,13 +177,16 @@ class Runtime:
         return TenantQuota(tenant.id, tenant.tier, self.counters, lambda: self.policy, self.clock)
 
     def flush(self) -> None:
-        """Write daily counts and audit events now (upkeep does this every flush_interval).
-        Both are tried; what fails stays queued for the next flush, and the error is
-        raised."""
+        """Write daily counts, audit events and usage records now (the server does this
+        every flush_interval). All are tried; what fails stays queued for the next
+        flush, and the error is raised."""
         try:
             self.journal.flush()
         finally:
-            self.audit.flush()
+            try:
+                self.audit.flush()
+            finally:
+                self.usage.flush()
 
     def close(self) -> None:
         try:

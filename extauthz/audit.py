@@ -1,73 +1,161 @@
-"""The audit trail, minimal form: events are queued by the hot path and written to the
-store in batches by the upkeep thread (and on a clean stop).
+"""The audit trail: the seed's AuditLogger on a hash-chained table (auditchain.py).
 
-The tamper-evident hash chain, `audit verify` and the remaining seed actions are the
-next step (issue 5); this module already keeps their shape: one AuditEvent per fact,
-numbered by the store, never holding a key.
+Per-request events are queued and written in batches by a background thread
+(records.py); with ``blocking`` ("no audit, no allow") each is written before the
+answer, and a failed write refuses the request. Admin changes do not come through here:
+the managers hand their events to the store, which commits them with the change.
+Events never hold a key or an Authorization value: ids, reasons and facts only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections import deque
+from dataclasses import dataclass
 
+from extauthz.auditchain import Anchor, Problem
 from extauthz.clock import SYSTEM_CLOCK, Clock
+from extauthz.errors import ExtauthzError
 from extauthz.model import AuditEvent
+from extauthz.records import BatchWriter
 from extauthz.store.base import Store
 
 log = logging.getLogger("extauthz.audit")
 
-CONFIG_CHANGED = "CONFIG_CHANGED"
+AUTH_SUCCESS = "AUTH_SUCCESS"
+AUTH_FAILURE = "AUTH_FAILURE"
+API_REQUEST = "API_REQUEST"
+KEY_CREATED = "KEY_CREATED"
+KEY_REVOKED = "KEY_REVOKED"
+KEY_ROTATED = "KEY_ROTATED"
 QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
 RATE_LIMITED = "RATE_LIMITED"
+CONFIG_CHANGED = "CONFIG_CHANGED"
+DATA_ACCESSED = "DATA_ACCESSED"
+DATA_MODIFIED = "DATA_MODIFIED"
+SECURITY_ALERT = "SECURITY_ALERT"
+ACTIONS = (
+    AUTH_SUCCESS,
+    AUTH_FAILURE,
+    API_REQUEST,
+    KEY_CREATED,
+    KEY_REVOKED,
+    KEY_ROTATED,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    CONFIG_CHANGED,
+    DATA_ACCESSED,
+    DATA_MODIFIED,
+    SECURITY_ALERT,
+)
+
+
+def make_event(clock: Clock, action: str, outcome: str, **fields: object) -> AuditEvent:
+    detail = fields.pop("detail", None)
+    text = json.dumps(detail, sort_keys=True, separators=(",", ":")) if detail else ""
+    return AuditEvent(action, outcome, clock.now(), detail=text, **fields)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Verification:
+    checked: int
+    problem: Problem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
 
 
 class AuditLogger:
-    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK, capacity: int = 10_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        capacity: int = 50_000,
+        interval: float = 1.0,
+        blocking: bool = False,
+    ) -> None:
         self.store = store
         self.clock = clock
-        self.capacity = capacity
-        self.dropped = 0  # events refused because the queue was full (logged, counted)
-        self._queue: deque[AuditEvent] = deque()
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self.blocking = blocking
+        self.writer: BatchWriter[AuditEvent] = BatchWriter(
+            "audit", store.append_audit, capacity=capacity, interval=interval
+        )
 
+    # writing
     def log(self, event: AuditEvent) -> bool:
-        """Queue ``event`` for the next flush; False (counted) if the queue is full."""
-        with self._lock:
-            if len(self._queue) >= self.capacity:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    log.error("audit queue full: %d events dropped so far", self.dropped)
-                return False
-            self._queue.append(event)
-            return True
+        """Record ``event``. Queued (False if the queue is full: counted and logged), or
+        with ``blocking`` written now (False if the store refused it)."""
+        if not self.blocking:
+            return self.writer.put(event)
+        try:
+            self.store.append_audit([event])
+        except ExtauthzError as exc:
+            log.error("audit write failed (blocking mode refuses the request): %s", exc)
+            return False
+        return True
 
     def event(self, action: str, outcome: str, **fields: object) -> bool:
-        detail = fields.pop("detail", None)
-        text = json.dumps(detail, sort_keys=True) if detail else ""
-        return self.log(AuditEvent(action, outcome, self.clock.now(), detail=text, **fields))  # type: ignore[arg-type]
+        return self.log(make_event(self.clock, action, outcome, **fields))
 
     def flush(self) -> int:
-        """Write what is queued, in order; on a store error the events stay queued."""
-        with self._flush_lock:
-            with self._lock:
-                batch = list(self._queue)
-            if not batch:
-                return 0
-            self.store.append_audit(batch)  # StoreError: the batch stays queued
-            with self._lock:
-                for _ in batch:
-                    self._queue.popleft()
-            return len(batch)
+        return self.writer.flush()
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    @property
+    def dropped(self) -> int:
+        return self.writer.dropped
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return self.writer.pending
 
     # the seed's names
+    def log_auth(
+        self,
+        success: bool,
+        tenant_id: str = "",
+        key_id: str = "",
+        ip_address: str = "",
+        reason: str = "",
+        **fields: object,
+    ) -> bool:
+        return self.event(
+            AUTH_SUCCESS if success else AUTH_FAILURE,
+            "success" if success else "denied",
+            tenant_id=tenant_id,
+            key_id=key_id,
+            source=ip_address,
+            reason=reason,
+            **fields,
+        )
+
+    def log_api_request(
+        self,
+        tenant_id: str,
+        endpoint: str,
+        method: str,
+        status_code: int,
+        **fields: object,
+    ) -> bool:
+        detail = {"route": endpoint, "method": method, "status": status_code}
+        extra = fields.pop("detail", None)
+        if isinstance(extra, dict):
+            detail.update(extra)
+        return self.event(
+            API_REQUEST,
+            "success" if status_code < 400 else "failure",
+            tenant_id=tenant_id,
+            detail=detail,
+            **fields,
+        )
+
     def log_quota_exceeded(
         self, tenant_id: str, quota_type: str = "daily_requests", **fields: object
     ) -> bool:
@@ -82,27 +170,45 @@ class AuditLogger:
             CONFIG_CHANGED, outcome, actor="system", policy_version=policy_version, detail=detail
         )
 
+    # reading (what is queued is written first, so a reader sees its own events)
+    def get_recent_events(self, limit: int = 100, tenant_id: str | None = None) -> list[AuditEvent]:
+        """The newest ``limit`` events, newest first."""
+        self.flush()
+        return self.store.query_audit(tenant_id=tenant_id, limit=limit, newest_first=True)
 
-class Throttle:
-    """At most one event per key per ``interval`` seconds; the next one carries how many
-    were held back. A tenant hammering a limit at 10k req/s must not write 10k audit
-    rows a second, yet the trail must say it happened and how often."""
+    def get_events(
+        self,
+        tenant_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        action: str | None = None,
+    ) -> list[AuditEvent]:
+        """Events in order, filtered by tenant, time range [since, until) and action."""
+        self.flush()
+        return self.store.query_audit(tenant_id=tenant_id, since=since, until=until, action=action)
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK, interval: float = 1.0) -> None:
-        self.clock = clock
-        self.interval = interval
-        self._last: dict[tuple[str, ...], tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def admit(self, key: tuple[str, ...]) -> int | None:
-        """None to hold this event back; else the number held back before it."""
-        now = self.clock.monotonic()
-        with self._lock:
-            last, held = self._last.get(key, (-1e18, 0))
-            if now - last < self.interval:
-                self._last[key] = (last, held + 1)
-                return None
-            if len(self._last) > 100_000:
-                self._last.clear()  # bounded: at worst a few extra events
-            self._last[key] = (now, 0)
-            return held
+    def verify(self, first: int | None = None, last: int | None = None) -> Verification:
+        """Check the chain: all of it (from the genesis or the pruning checkpoint to the
+        signed head), or rows first..last."""
+        chain = self.store.audit_chain
+        if chain is None:
+            return Verification(0, Problem(0, "no audit key: open the store through the Runtime"))
+        if first is None and last is None:
+            start = self.store.audit_checkpoint()
+            rows = self.store.audit_rows((start.seq + 1) if start else 1)
+            return Verification(*chain.verify(rows, start, self.store.audit_head()))
+        lo = max(1, first or 1)
+        start = None
+        if lo > 1:
+            before = next(iter(self.store.audit_rows(lo - 1, lo - 1)), None)
+            checkpoint = self.store.audit_checkpoint()
+            if before is not None:
+                start = Anchor(before.seq, bytes.fromhex(before.hash or "00" * 32), b"")
+            elif checkpoint is not None and checkpoint.seq == lo - 1:
+                start = checkpoint
+            else:
+                return Verification(0, Problem(lo - 1, "missing: cannot start the range here"))
+        head = self.store.audit_head() if last is None else None
+        rows = self.store.audit_rows(lo, last)
+        trusted = start is not None and not start.signature
+        return Verification(*chain.verify(rows, start, head, trust_start=trusted))

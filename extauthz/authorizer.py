@@ -16,9 +16,15 @@ The policy is read once per request (``self.policy`` is swapped whole on reload)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
+import random
 
 from extauthz.apikeys import KeyResolver
+from extauthz.audit import AUTH_FAILURE, AUTH_SUCCESS, SECURITY_ALERT, AuditLogger
+from extauthz.bruteforce import BruteForceGuard
 from extauthz.errors import StoreError
 from extauthz.keys import MAX_KEY_LEN
 from extauthz.limits.gate import LimitGate
@@ -39,13 +45,18 @@ class Authorizer:
         key_headers: tuple[str, ...] = ("x-api-key", "authorization"),
         query_key_params: tuple[str, ...] = ("api_key", "apikey"),
         policy: Policy | None = None,
+        *,
         gate: LimitGate | None = None,
+        audit: AuditLogger | None = None,
+        guard: BruteForceGuard | None = None,
     ) -> None:
         self.resolver = resolver
         self.key_headers = key_headers
         self.query_key_params = frozenset(query_key_params)
         self.policy = policy or Policy()
         self.gate = gate
+        self.audit = audit
+        self.guard = guard
         # A public path needs no key, but the upstream must still never see forged
         # identity headers or a key someone sent anyway. `authorization` is removed only
         # when it holds a Bearer token: other schemes there belong to the upstream.
@@ -60,6 +71,10 @@ class Authorizer:
         self._allowed_generation = -1
 
     def check(self, request: CheckInput) -> Decision:
+        if self.guard is not None:
+            blocked = self.guard.blocked_for(request.source_address)
+            if blocked > 0:
+                return self._blocked(blocked)
         decision = self._decide(request)
         if not decision.allowed and log.isEnabledFor(logging.DEBUG):
             # Never the key, the query string or the Authorization header: only facts.
@@ -71,7 +86,81 @@ class Authorizer:
                 request.source_address,
                 request.request_id[:64],
             )
+        if self.audit is not None and decision.reason != "public":
+            return self._audited(request, decision)
         return decision
+
+    def _audited(self, request: CheckInput, decision: Decision) -> Decision:
+        """Audit the outcome: every refused credential (and brute-force alerts), and a
+        sampled share of allowed requests. Limit denials are audited by the gate."""
+        audit = self.audit
+        if audit is None:
+            return decision
+        principal = decision.principal
+        policy = self.policy
+        if decision.allowed:
+            share = policy.audit.sample_allowed
+            if share >= 1.0 or (share > 0 and random.random() < share):  # noqa: S311 - sampling
+                ok = audit.event(
+                    AUTH_SUCCESS,
+                    "success",
+                    tenant_id=principal.tenant_id if principal else "",
+                    key_id=principal.key_id if principal else "",
+                    request_id=request.request_id[:128],
+                    source=request.source_address[:64],
+                    policy_version=policy.version,
+                )
+                if not ok and audit.blocking:
+                    return self.denials["audit_unavailable"]
+            return decision
+        if decision.status not in (401, 403):
+            return decision
+        key_id = principal.key_id if principal else ""
+        audit.event(
+            AUTH_FAILURE,
+            "denied",
+            tenant_id=principal.tenant_id if principal else "",
+            key_id=key_id,
+            reason=decision.reason,
+            request_id=request.request_id[:128],
+            source=request.source_address[:64],
+            policy_version=policy.version,
+        )
+        if self.guard is not None:
+            rules = policy.security
+            for kind, value in self.guard.failed(request.source_address, key_id, rules):
+                log.warning(
+                    "brute force: %d auth failures for %s %s", rules.max_auth_failures, kind, value
+                )
+                audit.event(
+                    SECURITY_ALERT,
+                    "blocked" if kind == "source" and rules.block_seconds else "alert",
+                    key_id=value if kind == "key_id" else "",
+                    source=value if kind == "source" else "",
+                    reason="brute_force",
+                    policy_version=policy.version,
+                    detail={
+                        "failures": rules.max_auth_failures,
+                        "window_seconds": rules.window_seconds,
+                        "blocked_seconds": rules.block_seconds if kind == "source" else 0,
+                    },
+                )
+        return decision
+
+    def _blocked(self, seconds: float) -> Decision:
+        retry = str(max(1, math.ceil(seconds)))
+        base = self.denials["source_blocked"]
+        body = json.loads(base.body)
+        body["retry_after"] = int(retry)
+        return Decision(
+            False,
+            429,
+            "source_blocked",
+            base.message,
+            client_headers=(*base.client_headers, ("retry-after", retry)),
+            body=json.dumps(body).encode(),
+            reusable=False,
+        )
 
     def _decide(self, request: CheckInput) -> Decision:
         policy = self.policy  # one snapshot for the whole decision
@@ -95,7 +184,14 @@ class Authorizer:
             log.warning("store lookup failed, denying with 503: %s", exc)
             return self.denials["store_unavailable"]
         if result.reason is not None:
-            return self.denials[result.reason]
+            if result.key is None or result.tenant is None:
+                return self.denials[result.reason]
+            # A known key (revoked, expired, suspended tenant): the audit names it.
+            return dataclasses.replace(
+                self.denials[result.reason],
+                principal=Principal(result.tenant.id, result.tenant.tier, result.key.key_id),
+                reusable=False,
+            )
         key, tenant = result.key, result.tenant
         if key is None or tenant is None:  # resolve() always sets both on success
             return self.denials["internal_error"]

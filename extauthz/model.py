@@ -172,6 +172,51 @@ class AuditEvent:
     policy_version: str = ""
     detail: str = ""  # JSON object text
     seq: int = 0  # assigned by the store, gap-free
+    trace_id: str = ""
+    hash: str = ""  # hex HMAC chaining this row to the previous one (auditchain.py)
 
     def to_dict(self) -> dict[str, object]:
         return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One finished (or, if Envoy never reported it, ``incomplete``) allowed request."""
+
+    request_id: str
+    ts: float  # when the check allowed it
+    day: str  # its quota day, in the policy's time zone
+    tenant_id: str
+    key_id: str
+    route: str = ""
+    method: str = ""
+    status: int = 0  # the response code Envoy logged; 0 when incomplete
+    latency_ms: float = 0.0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    incomplete: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What Envoy's access log says about one finished request."""
+
+    request_id: str
+    status: int  # 0 when Envoy never sent a response (the client went away first)
+    latency_ms: float
+    request_bytes: int
+    response_bytes: int
+    tokens_in: int | None  # the first usage header; None if the upstream sent none
+    tokens_out: int | None  # the others, summed
+
+    @property
+    def tokens(self) -> int | None:
+        if self.tokens_in is None and self.tokens_out is None:
+            return None
+        return (self.tokens_in or 0) + (self.tokens_out or 0)

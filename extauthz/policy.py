@@ -66,6 +66,28 @@ class TokenSource:
     body_field: str | None = None  # e.g. max_tokens, when Envoy sends the body
 
 
+@dataclass(frozen=True)
+class AuditRules:
+    sample_allowed: float = 1.0  # share of allowed requests audited; denials: always
+
+
+@dataclass(frozen=True)
+class SecurityRules:
+    """Brute-force detection: ``max_auth_failures`` refused credentials from one source
+    address (or for one key id) within ``window_seconds`` raise a SECURITY_ALERT, and
+    block that source for ``block_seconds`` (0: alert only)."""
+
+    max_auth_failures: int = 20
+    window_seconds: int = 60
+    block_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class RetentionRules:
+    usage_days: int = 400
+    audit_days: int = 400
+
+
 DEFAULT_TIERS: dict[TenantTier, Limits] = {
     TenantTier.FREE: Limits(1_000, 4_096, 5, RateLimit(60, 10), 0.0),
     TenantTier.STARTER: Limits(10_000, 8_192, 10, RateLimit(600, 50), 0.002),
@@ -82,6 +104,9 @@ class Policy:
     tokens: TokenSource = TokenSource()
     timezone: str = "UTC"
     version: str = "builtin"
+    audit: AuditRules = AuditRules()
+    security: SecurityRules = SecurityRules()
+    retention: RetentionRules = RetentionRules()
     _merged: dict[tuple[str, TenantTier], Limits] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -235,7 +260,11 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         ) from None
     if root is None:
         return Policy(version=_version(text))
-    top = r.mapping(root, "the policy", {"tiers", "tenants", "routes", "tokens", "timezone"})
+    top = r.mapping(
+        root,
+        "the policy",
+        {"tiers", "tenants", "routes", "tokens", "timezone", "audit", "security", "retention"},
+    )
     tiers = dict(DEFAULT_TIERS)
     if "tiers" in top:
         names = {t.value for t in TenantTier}
@@ -263,7 +292,40 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if "timezone" in top:
         timezone = _timezone(r, top["timezone"])
     routes = _routes(r, top["routes"]) if "routes" in top else ()
-    return Policy(tiers, tenants, routes, tokens, timezone, version=_version(text))
+    return Policy(
+        tiers,
+        tenants,
+        routes,
+        tokens,
+        timezone,
+        version=_version(text),
+        audit=_audit_rules(r, top["audit"]) if "audit" in top else AuditRules(),
+        security=_section(r, top, "security", SecurityRules, {"max_auth_failures": 1}),
+        retention=_section(r, top, "retention", RetentionRules, {"usage_days": 1, "audit_days": 1}),
+    )
+
+
+def _audit_rules(r: _Reader, node: _Node) -> AuditRules:
+    fields = r.mapping(node, "audit", {"sample_allowed"})
+    if "sample_allowed" not in fields:
+        return AuditRules()
+    share = r.number(fields["sample_allowed"], "audit.sample_allowed")
+    if share > 1:
+        raise r.error(fields["sample_allowed"], f"audit.sample_allowed must be 0 to 1, not {share}")
+    return AuditRules(share)
+
+
+def _section(
+    r: _Reader, top: dict[str, _Node], name: str, kind: Any, minimums: dict[str, int]
+) -> Any:
+    """A section of whole-number fields (security, retention), each at least its minimum
+    (default 0)."""
+    if name not in top:
+        return kind()
+    known = {f.name for f in dataclasses.fields(kind)}
+    fields = r.mapping(top[name], name, known)
+    values = {k: r.integer(v, f"{name}.{k}", minimums.get(k, 0)) for k, v in fields.items()}
+    return kind(**values)
 
 
 def _timezone(r: _Reader, node: _Node) -> str:

@@ -42,6 +42,12 @@ REASONS: dict[str, Reason] = {
     "concurrency_limit": Reason(
         429, "The tenant has too many requests in flight: retry when one completes."
     ),
+    "source_blocked": Reason(
+        429, "Too many failed authentication attempts from this address: retry later."
+    ),
+    "audit_unavailable": Reason(
+        503, "The audit trail cannot be written, and this service requires it; retry shortly."
+    ),
     "invalid_request": Reason(400, "The authorization request was incomplete or malformed."),
     "store_unavailable": Reason(503, "Authorization is temporarily unavailable; retry shortly."),
     "internal_error": Reason(503, "Authorization failed unexpectedly; retry shortly."),

@@ -70,6 +70,7 @@ class Settings:
     flush_interval: float = 1.0  # daily counts and audit events reach the store this often
     usage_headers: tuple[str, ...] = ("x-usage-input-tokens", "x-usage-output-tokens")
     max_body_bytes: int = 1_048_576  # bodies Envoy sends for a max_tokens field; larger: 413
+    audit_blocking: bool = False  # "no audit, no allow": write each event before answering
 
     @property
     def db_url(self) -> str:
@@ -123,6 +124,17 @@ def _header_names(value: Any, what: str) -> tuple[str, ...]:
     return names
 
 
+def _boolean(value: object, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{what}: {value!r} is not true or false")
+
+
 def _positive_duration(value: object, what: str) -> float:
     seconds = parse_duration(value, what)  # type: ignore[arg-type]
     if seconds <= 0:
@@ -166,6 +178,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "flush_interval": _positive_duration,
     "usage_headers": _names,
     "max_body_bytes": _positive_int,
+    "audit_blocking": _boolean,
 }
 # The pepper is a secret: accepted from the environment only, never from a settings file.
 _ENV_ONLY = {"pepper"}

@@ -6,19 +6,23 @@ handling for a graceful stop (SIGTERM/SIGINT) and policy reload (SIGHUP).
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
 
 from extauthz.app import Runtime
+from extauthz.audit import SECURITY_ALERT
 from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
 from extauthz.limits.quota import quota_window
+from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
 from extauthz.transport.als import AccessLogReceiver
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
 from extauthz.transport.http_authz import HttpAuthzThread
+from extauthz.usage import completed, incomplete
 
 log = logging.getLogger("extauthz")
 
@@ -47,7 +51,9 @@ class Upkeep(threading.Thread):
                 if clock.monotonic() >= next_flush:
                     next_flush = clock.monotonic() + settings.flush_interval
                     self.runtime.counters.maintain(self._days())
-                    self.runtime.flush()
+                    for settled in self.runtime.counters.drain_expired():
+                        self.runtime.usage.add(incomplete(settled))
+                    self.runtime.journal.flush()
                 if clock.monotonic() >= next_touch:
                     next_touch = clock.monotonic() + settings.last_used_flush
                     self.runtime.resolver.flush_last_used()
@@ -93,8 +99,25 @@ class Sidecar:
         self.http: HttpAuthzThread | None = None
         self.ports: dict[str, int] = {}
 
-    def _finished(self, request_id: str, tokens: int | None, _status: int) -> None:
-        self.runtime.counters.release(request_id, tokens)
+    def _finished(self, done: Completion) -> None:
+        """An access-log entry: free the slot, settle the tokens, bill the request."""
+        runtime = self.runtime
+        settled = runtime.counters.release(done.request_id, done.tokens)
+        if settled is None:
+            return  # denied, public, or reported already: nothing to bill (again)
+        runtime.usage.add(completed(settled, done))
+        share = runtime.policy.audit.sample_allowed
+        if share >= 1.0 or (share > 0 and random.random() < share):  # noqa: S311 - sampling
+            runtime.audit.log_api_request(
+                settled.tenant_id,
+                settled.route,
+                settled.method,
+                done.status,
+                key_id=settled.key_id,
+                request_id=done.request_id[:128],
+                policy_version=runtime.policy.version,
+                detail={"latency_ms": round(done.latency_ms, 3)},
+            )
 
     def start(
         self,
@@ -125,6 +148,9 @@ class Sidecar:
                 f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR / EXTAUTHZ_ALS_ADDR)"
             ) from None
         self.runtime.resolver.refresh()
+        self._verify_audit_tail()
+        self.runtime.audit.start()
+        self.runtime.usage.start()
         self.upkeep.start()
         for server in (self.grpc, self.als_server):
             if server is not None:
@@ -132,6 +158,26 @@ class Sidecar:
         for name, port in self.ports.items():
             log.info("%s listening on port %d", name.split("_")[0], port)
         return self.ports
+
+    def _verify_audit_tail(self, rows: int = 1000) -> None:
+        """Check the newest rows and the signed head before serving: a log edited or cut
+        short while we were down is reported at once (and audited), not at the next
+        `audit verify`. Serving goes on: refusing traffic would not undo the edit."""
+        audit = self.runtime.audit
+        head = self.runtime.store.audit_head()
+        first = max(1, head.seq - rows + 1) if head is not None else None
+        result = audit.verify(first=first) if first is not None else audit.verify()
+        if result.ok:
+            log.info("audit chain tail verified (%d rows)", result.checked)
+            return
+        log.critical("audit chain verification failed: %s", result.problem)
+        audit.event(
+            SECURITY_ALERT,
+            "alert",
+            actor="system",
+            reason="audit_chain_broken",
+            detail={"problem": str(result.problem)},
+        )
 
     def reload_policy(self) -> None:
         """Ask for a policy reload (SIGHUP); upkeep does it within revocation_poll."""
@@ -157,10 +203,18 @@ class Sidecar:
         self._stop_transports(grace)
         if self.upkeep.is_alive():
             self.upkeep.stop()
-        try:
-            self.runtime.flush()
-        except ExtauthzError as exc:
-            log.error("could not write daily counts / audit events on stop: %s", exc)
+        # Leases still open will never be reported: bill them as incomplete.
+        for settled in self.runtime.counters.drain_expired():
+            self.runtime.usage.add(incomplete(settled))
+        for name, close in (
+            ("audit events", self.runtime.audit.close),
+            ("usage records", self.runtime.usage.close),
+            ("daily counts", self.runtime.journal.flush),
+        ):
+            try:
+                close()
+            except ExtauthzError as exc:
+                log.error("could not write %s on stop: %s", name, exc)
         log.info("stopped")
 
 

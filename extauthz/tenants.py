@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import re
 
+from extauthz.audit import DATA_MODIFIED, make_event
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ConfigError, UnknownTenantError
-from extauthz.model import Tenant, TenantStatus, TenantTier
+from extauthz.model import AuditEvent, Tenant, TenantStatus, TenantTier
 from extauthz.store import Store
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class TenantManager:
-    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK, actor: str = "admin") -> None:
         self.store = store
         self.clock = clock
+        self.actor = actor  # who the audit names for changes made through this manager
+
+    def _event(self, tenant_id: str, change: str, **detail: object) -> list[AuditEvent]:
+        # Written by the store in the same transaction as the change itself.
+        return [
+            make_event(
+                self.clock,
+                DATA_MODIFIED,
+                "success",
+                tenant_id=tenant_id,
+                actor=self.actor,
+                reason=change,
+                detail=detail,
+            )
+        ]
 
     def create_tenant(
         self,
@@ -33,7 +49,9 @@ class TenantManager:
         tenant = Tenant(name=name, tier=tier, created_at=now, updated_at=now)
         if tenant_id is not None:
             tenant.id = tenant_id
-        self.store.create_tenant(tenant)
+        self.store.create_tenant(
+            tenant, self._event(tenant.id, "tenant.create", name=name, tier=tier.value)
+        )
         return tenant
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
@@ -50,13 +68,28 @@ class TenantManager:
         return self.store.list_tenants()
 
     def suspend(self, tenant_id: str) -> Tenant:
-        return self.store.update_tenant(tenant_id, self.clock.now(), status=TenantStatus.SUSPENDED)
+        return self.store.update_tenant(
+            tenant_id,
+            self.clock.now(),
+            status=TenantStatus.SUSPENDED,
+            audit=self._event(tenant_id, "tenant.suspend"),
+        )
 
     def resume(self, tenant_id: str) -> Tenant:
-        return self.store.update_tenant(tenant_id, self.clock.now(), status=TenantStatus.ACTIVE)
+        return self.store.update_tenant(
+            tenant_id,
+            self.clock.now(),
+            status=TenantStatus.ACTIVE,
+            audit=self._event(tenant_id, "tenant.resume"),
+        )
 
     def set_tier(self, tenant_id: str, tier: TenantTier) -> Tenant:
-        return self.store.update_tenant(tenant_id, self.clock.now(), tier=tier)
+        return self.store.update_tenant(
+            tenant_id,
+            self.clock.now(),
+            tier=tier,
+            audit=self._event(tenant_id, "tenant.set_tier", tier=tier.value),
+        )
 
     def delete(self, tenant_id: str) -> None:
-        self.store.delete_tenant(tenant_id)
+        self.store.delete_tenant(tenant_id, self._event(tenant_id, "tenant.delete"))

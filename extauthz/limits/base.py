@@ -30,6 +30,11 @@ class Ask:
     day: str  # the quota day in the policy's time zone, e.g. "2026-11-26"
     cost: int = 1  # request units (a route's weight): bucket tokens and daily requests
     tokens: int = 0  # declared tokens, reserved now and settled from the access log
+    # Carried on the lease for the usage record written when it ends:
+    route: str = ""
+    method: str = ""
+    price: float = 0.0  # the tier's cost per 1K tokens at check time
+    started: float = 0.0  # wall time of the check
 
 
 @dataclass(slots=True)
@@ -52,6 +57,11 @@ class Settlement:
     day: str
     reserved: int
     actual: int | None
+    route: str = ""
+    method: str = ""
+    price: float = 0.0
+    started: float = 0.0
+    request_id: str = ""
 
 
 class Counters(abc.ABC):
@@ -89,6 +99,11 @@ class Counters(abc.ABC):
     @abc.abstractmethod
     def maintain(self) -> int:
         """Expire overdue leases and forget idle state; returns the leases expired."""
+
+    @abc.abstractmethod
+    def drain_expired(self) -> list[Settlement]:
+        """Leases that expired without a release since the last call (their requests
+        get an `incomplete` usage record)."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release backend resources."""

@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import Counter
 
-from extauthz.audit import QUOTA_EXCEEDED, RATE_LIMITED, AuditLogger, Throttle
+from extauthz.audit import QUOTA_EXCEEDED, RATE_LIMITED, AuditLogger
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.limits.base import CONCURRENT, DAY, KEY_RATE, RATE, TOKENS_DAY, Ask, Counters
 from extauthz.limits.declared import INVALID, declared_tokens
@@ -72,7 +72,8 @@ class LimitGate:
             return self._refuse(
                 allowed, denial, request, limits=limits, policy=policy, reason=CAP_REASON
             )
-        day, day_ends_in = self.calendar.day(self.clock.now(), policy.timezone)
+        now = self.clock.now()
+        day, day_ends_in = self.calendar.day(now, policy.timezone)
         verdict = self.counters.acquire(
             Ask(
                 principal.tenant_id,
@@ -82,6 +83,10 @@ class LimitGate:
                 day,
                 cost,
                 tokens,
+                request.path.split("?", 1)[0][:256],
+                request.method[:16],
+                limits.cost_per_1k_tokens,
+                now,
             )
         )
         if verdict.allowed:
@@ -112,29 +117,29 @@ class LimitGate:
         principal = allowed.principal
         if principal is None:  # apply() only gets here with an identified request
             return denial
-        # Logged and audited at most once per tenant, reason and second (Throttle): a
-        # tenant hammering a limit must not flood either.
-        held = self.throttle.admit((principal.tenant_id, reason, outcome))
-        if held is not None:
-            if limits.shadow:
+        if self.audit is not None:  # every denial, never sampled
+            self.audit.event(
+                QUOTA_EXCEEDED if reason == "daily_quota_exceeded" else RATE_LIMITED,
+                outcome,
+                tenant_id=principal.tenant_id,
+                key_id=principal.key_id,
+                reason=reason,
+                request_id=request.request_id[:128],
+                source=request.source_address[:64],
+                policy_version=policy.version,
+                detail={"limit": by or reason},
+            )
+        # Logged at most once per tenant, reason and second: a tenant hammering a limit
+        # in shadow mode must not flood the log (the audit has every one).
+        if limits.shadow:
+            held = self.throttle.admit((principal.tenant_id, reason))
+            if held is not None:
                 log.info(
                     "shadow: would deny reason=%s tenant=%s key_id=%s (%d unlogged since the last)",
                     reason,
                     principal.tenant_id,
                     principal.key_id,
                     held,
-                )
-            if self.audit is not None:
-                self.audit.event(
-                    QUOTA_EXCEEDED if reason == "daily_quota_exceeded" else RATE_LIMITED,
-                    outcome,
-                    tenant_id=principal.tenant_id,
-                    key_id=principal.key_id,
-                    reason=reason,
-                    request_id=request.request_id[:128],
-                    source=request.source_address[:64],
-                    policy_version=policy.version,
-                    detail={"limit": by or reason, "held_back_before": held},
                 )
         return allowed if limits.shadow else denial
 
@@ -160,3 +165,27 @@ class LimitGate:
             body=json.dumps(body).encode(),
             reusable=False,
         )
+
+
+class Throttle:
+    """At most one pass per key per ``interval`` seconds; the next pass says how many
+    were held back in between."""
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, interval: float = 1.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._last: dict[tuple[str, ...], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple[str, ...]) -> int | None:
+        """None to hold this one back; else the number held back before it."""
+        now = self.clock.monotonic()
+        with self._lock:
+            last, held = self._last.get(key, (-1e18, 0))
+            if now - last < self.interval:
+                self._last[key] = (last, held + 1)
+                return None
+            if len(self._last) > 100_000:
+                self._last.clear()  # bounded: at worst a few extra log lines
+            self._last[key] = (now, 0)
+            return held

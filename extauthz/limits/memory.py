@@ -30,11 +30,26 @@ from extauthz.policy import Limits, RateLimit
 
 @dataclass(slots=True)
 class _Lease:
-    tenant_id: str
-    key_id: str
-    day: str
-    tokens: int
+    ask: Ask
     expires: float
+
+
+MAX_EXPIRED = 100_000  # expired leases awaiting their incomplete usage record
+
+
+def _settlement(ask: Ask, actual: int | None) -> Settlement:
+    return Settlement(
+        ask.tenant_id,
+        ask.key_id,
+        ask.day,
+        ask.tokens,
+        actual,
+        ask.route,
+        ask.method,
+        ask.price,
+        ask.started,
+        ask.lease_id,
+    )
 
 
 @dataclass(slots=True)
@@ -61,6 +76,7 @@ class MemoryCounters(Counters):
         # Per tenant, its leases in the order they expire (one TTL for all).
         self._held: dict[str, OrderedDict[str, float]] = {}
         self._anonymous = itertools.count(1)
+        self._expired: list[Settlement] = []
 
     def _now(self) -> float:
         self._high = max(self._high, self.clock.monotonic())
@@ -105,7 +121,7 @@ class MemoryCounters(Counters):
             while lease_id in self._leases:  # a reused request id never frees another's slot
                 lease_id = f"{ask.lease_id}#{next(self._anonymous)}"
             expires = now + self.lease_ttl
-            self._leases[lease_id] = _Lease(ask.tenant_id, ask.key_id, ask.day, ask.tokens, expires)
+            self._leases[lease_id] = _Lease(ask, expires)
             held[lease_id] = expires
             return Verdict(True, None, 0.0, counts[0], counts[1], tenant_take[2], len(held))
 
@@ -161,7 +177,9 @@ class MemoryCounters(Counters):
             if held[lease_id] > now:
                 break
             del held[lease_id]
-            self._leases.pop(lease_id, None)
+            lease = self._leases.pop(lease_id, None)
+            if lease is not None and len(self._expired) < MAX_EXPIRED:
+                self._expired.append(_settlement(lease.ask, None))
         return held
 
     # --------------------------------------------------------------- release
@@ -171,12 +189,18 @@ class MemoryCounters(Counters):
             lease = self._leases.pop(lease_id, None)
             if lease is None:
                 return None
-            held = self._held.get(lease.tenant_id)
+            held = self._held.get(lease.ask.tenant_id)
             if held is not None:
                 held.pop(lease_id, None)
-            if actual_tokens is not None and actual_tokens != lease.tokens:
-                self._count(lease.tenant_id, lease.day, 0, actual_tokens - lease.tokens)
-        return Settlement(lease.tenant_id, lease.key_id, lease.day, lease.tokens, actual_tokens)
+            ask = lease.ask
+            if actual_tokens is not None and actual_tokens != ask.tokens:
+                self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
+        return _settlement(ask, actual_tokens)
+
+    def drain_expired(self) -> list[Settlement]:
+        with self._lock:
+            expired, self._expired = self._expired, []
+        return expired
 
     # --------------------------------------------------------------- reads and upkeep
 

@@ -28,13 +28,13 @@ log = logging.getLogger("extauthz.quota")
 
 
 @lru_cache(maxsize=64)
-def _zone(name: str) -> ZoneInfo:
+def zone_info(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
 def quota_window(now: float, zone: str) -> tuple[str, float, float]:
     """The quota day holding Unix time ``now`` in ``zone``: (ISO date, start, end)."""
-    tz = _zone(zone)
+    tz = zone_info(zone)
     day = datetime.fromtimestamp(now, tz).date()
     start = datetime.combine(day, time(0), tz).timestamp()
     end = datetime.combine(day + timedelta(days=1), time(0), tz).timestamp()

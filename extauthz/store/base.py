@@ -8,9 +8,10 @@ driver exceptions never cross this interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
-from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier
+from extauthz.auditchain import Anchor, AuditChain
+from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier, UsageRecord
 
 
 class Store(abc.ABC):
@@ -33,7 +34,7 @@ class Store(abc.ABC):
 
     # tenants
     @abc.abstractmethod
-    def create_tenant(self, tenant: Tenant) -> None:
+    def create_tenant(self, tenant: Tenant, audit: Sequence[AuditEvent] = ()) -> None:
         """Insert; ConflictError if the id or name is taken."""
 
     @abc.abstractmethod
@@ -54,16 +55,17 @@ class Store(abc.ABC):
         *,
         status: TenantStatus | None = None,
         tier: TenantTier | None = None,
+        audit: Sequence[AuditEvent] = (),
     ) -> Tenant:
         """Change status and/or tier; UnknownTenantError if absent."""
 
     @abc.abstractmethod
-    def delete_tenant(self, tenant_id: str) -> None:
+    def delete_tenant(self, tenant_id: str, audit: Sequence[AuditEvent] = ()) -> None:
         """Delete the tenant and all its keys; UnknownTenantError if absent."""
 
     # keys
     @abc.abstractmethod
-    def insert_key(self, key: APIKey) -> None:
+    def insert_key(self, key: APIKey, audit: Sequence[AuditEvent] = ()) -> None:
         """Insert; UnknownTenantError if its tenant does not exist."""
 
     @abc.abstractmethod
@@ -77,11 +79,17 @@ class Store(abc.ABC):
     def list_keys(self, tenant_id: str | None = None) -> list[APIKey]: ...
 
     @abc.abstractmethod
-    def revoke_key(self, key_id: str, now: float) -> APIKey:
+    def revoke_key(self, key_id: str, now: float, audit: Sequence[AuditEvent] = ()) -> APIKey:
         """Mark revoked at ``now``; UnknownKeyError if absent, ConflictError if revoked."""
 
     @abc.abstractmethod
-    def rotate_key(self, old_key_id: str, new_key: APIKey, old_expires_at: float) -> APIKey:
+    def rotate_key(
+        self,
+        old_key_id: str,
+        new_key: APIKey,
+        old_expires_at: float,
+        audit: Sequence[AuditEvent] = (),
+    ) -> APIKey:
         """In one transaction: insert ``new_key`` and end the old key at ``old_expires_at``
         (or earlier, if it already expires sooner). Returns the old key as updated."""
 
@@ -98,14 +106,67 @@ class Store(abc.ABC):
     def quota_counts(self, day: str) -> dict[str, tuple[int, int]]:
         """Tenant id -> (requests, tokens) counted on ``day``."""
 
-    # audit
-    @abc.abstractmethod
-    def append_audit(self, events: Sequence[AuditEvent]) -> None:
-        """Append in order, in one transaction; the store numbers them."""
+    # audit: a hash chain (auditchain.py); admin changes pass their events to the
+    # mutating methods above so both commit in one transaction.
+    audit_chain: AuditChain | None = None
 
     @abc.abstractmethod
+    def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """Number, chain and append in one transaction; returns the stored rows."""
+
+    @abc.abstractmethod
+    def query_audit(
+        self,
+        *,
+        tenant_id: str | None = None,
+        action: str | None = None,
+        key_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[AuditEvent]:
+        """Events matching every filter given, by sequence number."""
+
+    @abc.abstractmethod
+    def audit_rows(self, first: int = 1, last: int | None = None) -> Iterator[AuditEvent]:
+        """Rows with first <= seq <= last in seq order, read in batches (for verify)."""
+
+    @abc.abstractmethod
+    def audit_head(self) -> Anchor | None:
+        """The signed (seq, hash) of the last row, or None for an empty log."""
+
+    @abc.abstractmethod
+    def audit_checkpoint(self) -> Anchor | None:
+        """The signed (seq, hash) of the last pruned row, or None if never pruned."""
+
+    @abc.abstractmethod
+    def prune_audit(self, before: float) -> int:
+        """Delete the rows older than ``before`` (a prefix of the chain) and record a
+        checkpoint at the last one deleted, in one transaction; returns rows deleted."""
+
+    # usage
+    @abc.abstractmethod
+    def add_usage(self, records: Sequence[UsageRecord]) -> int:
+        """Insert; a request id already recorded is skipped (never billed twice),
+        except that a complete record replaces an incomplete one. Returns rows written."""
+
+    @abc.abstractmethod
+    def query_usage(
+        self,
+        *,
+        tenant_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[UsageRecord]: ...
+
+    @abc.abstractmethod
+    def prune_usage(self, before: float) -> int: ...
+
     def list_audit(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
         """The newest ``limit`` events (optionally of one action), oldest first."""
+        return self.query_audit(action=action, limit=limit, newest_first=True)[::-1]
 
     @abc.abstractmethod
     def close(self) -> None: ...

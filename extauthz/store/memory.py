@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from extauthz.errors import ConflictError, UnknownKeyError, UnknownTenantError
 from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier
 from extauthz.store.base import Store
+from extauthz.store.memory_records import MemoryRecords
 
 
-class MemoryStore(Store):
+class MemoryStore(MemoryRecords, Store):
     def __init__(self) -> None:
         self.url = "memory://"
         self._lock = threading.Lock()
@@ -20,8 +21,7 @@ class MemoryStore(Store):
         self._by_hash: dict[bytes, str] = {}
         self._revision = 0
         self._meta: dict[str, bytes] = {}
-        self._quota: dict[tuple[str, str], tuple[int, int]] = {}
-        self._audit: list[AuditEvent] = []
+        self._init_records()
 
     def schema_version(self) -> int:
         return 1
@@ -36,7 +36,7 @@ class MemoryStore(Store):
     def get_meta(self, name: str) -> bytes | None:
         return self._meta.get(name)
 
-    def create_tenant(self, tenant: Tenant) -> None:
+    def create_tenant(self, tenant: Tenant, audit: Sequence[AuditEvent] = ()) -> None:
         with self._lock:
             if tenant.id in self._tenants:
                 raise ConflictError(f"a tenant with id {tenant.id!r} already exists")
@@ -44,6 +44,7 @@ class MemoryStore(Store):
                 raise ConflictError(f"a tenant named {tenant.name!r} already exists")
             self._tenants[tenant.id] = dataclasses.replace(tenant)
             self._revision += 1
+            self._append_audit_locked(audit)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         with self._lock:
@@ -69,6 +70,7 @@ class MemoryStore(Store):
         *,
         status: TenantStatus | None = None,
         tier: TenantTier | None = None,
+        audit: Sequence[AuditEvent] = (),
     ) -> Tenant:
         with self._lock:
             tenant = self._tenants.get(tenant_id)
@@ -78,9 +80,10 @@ class MemoryStore(Store):
             tenant.tier = tier or tenant.tier
             tenant.updated_at = now
             self._revision += 1
+            self._append_audit_locked(audit)
             return dataclasses.replace(tenant)
 
-    def delete_tenant(self, tenant_id: str) -> None:
+    def delete_tenant(self, tenant_id: str, audit: Sequence[AuditEvent] = ()) -> None:
         with self._lock:
             if self._tenants.pop(tenant_id, None) is None:
                 raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
@@ -88,6 +91,7 @@ class MemoryStore(Store):
                 del self._keys[key.key_id]
                 del self._by_hash[key.key_hash]
             self._revision += 1
+            self._append_audit_locked(audit)
 
     def _insert(self, key: APIKey) -> None:
         if key.tenant_id not in self._tenants:
@@ -97,10 +101,11 @@ class MemoryStore(Store):
         self._keys[key.key_id] = dataclasses.replace(key)
         self._by_hash[key.key_hash] = key.key_id
 
-    def insert_key(self, key: APIKey) -> None:
+    def insert_key(self, key: APIKey, audit: Sequence[AuditEvent] = ()) -> None:
         with self._lock:
             self._insert(key)
             self._revision += 1
+            self._append_audit_locked(audit)
 
     def get_key(self, key_id: str) -> APIKey | None:
         with self._lock:
@@ -121,7 +126,7 @@ class MemoryStore(Store):
             keys.sort(key=lambda k: (k.created_at, k.key_id))
             return [dataclasses.replace(k) for k in keys]
 
-    def revoke_key(self, key_id: str, now: float) -> APIKey:
+    def revoke_key(self, key_id: str, now: float, audit: Sequence[AuditEvent] = ()) -> APIKey:
         with self._lock:
             key = self._keys.get(key_id)
             if key is None:
@@ -130,9 +135,16 @@ class MemoryStore(Store):
                 raise ConflictError(f"API key {key_id} is already revoked")
             key.revoked_at = now
             self._revision += 1
+            self._append_audit_locked(audit)
             return dataclasses.replace(key)
 
-    def rotate_key(self, old_key_id: str, new_key: APIKey, old_expires_at: float) -> APIKey:
+    def rotate_key(
+        self,
+        old_key_id: str,
+        new_key: APIKey,
+        old_expires_at: float,
+        audit: Sequence[AuditEvent] = (),
+    ) -> APIKey:
         with self._lock:
             old = self._keys.get(old_key_id)
             if old is None:
@@ -146,6 +158,7 @@ class MemoryStore(Store):
                 old.expires_at = old_expires_at
             old.rotated_to = new_key.key_id
             self._revision += 1
+            self._append_audit_locked(audit)
             return dataclasses.replace(old)
 
     def touch_keys(self, last_used: Mapping[str, float]) -> None:
@@ -154,26 +167,6 @@ class MemoryStore(Store):
                 key = self._keys.get(key_id)
                 if key is not None:
                     key.last_used_at = max(key.last_used_at or 0.0, when)
-
-    def add_quota_counts(self, changes: Mapping[tuple[str, str], tuple[int, int]]) -> None:
-        with self._lock:
-            for key, (requests, tokens) in changes.items():
-                old = self._quota.get(key, (0, 0))
-                self._quota[key] = (old[0] + requests, max(0, old[1] + tokens))
-
-    def quota_counts(self, day: str) -> dict[str, tuple[int, int]]:
-        with self._lock:
-            return {t: v for (t, d), v in self._quota.items() if d == day}
-
-    def append_audit(self, events: Sequence[AuditEvent]) -> None:
-        with self._lock:
-            for event in events:
-                self._audit.append(dataclasses.replace(event, seq=len(self._audit) + 1))
-
-    def list_audit(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
-        with self._lock:
-            found = [e for e in self._audit if action is None or e.action == action]
-        return found[-limit:] if limit > 0 else []
 
     def close(self) -> None:
         pass

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from extauthz.errors import ConflictError, StoreError, UnknownKeyError, UnknownTenantError
-from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
+from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier
 from extauthz.store.base import Store
 from extauthz.store.sqlite_records import SQLiteRecords
 
@@ -71,6 +71,36 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL
     );
     CREATE INDEX audit_events_action ON audit_events (action, seq);
+    """,
+    """
+    ALTER TABLE audit_events ADD COLUMN trace_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit_events ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+    CREATE INDEX audit_events_tenant ON audit_events (tenant_id, seq);
+    CREATE TABLE audit_anchors (
+        kind TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        signature BLOB NOT NULL
+    );
+    CREATE TABLE usage_records (
+        request_id TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        day TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        method TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        request_bytes INTEGER NOT NULL,
+        response_bytes INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        cost REAL NOT NULL,
+        incomplete INTEGER NOT NULL
+    );
+    CREATE INDEX usage_tenant_ts ON usage_records (tenant_id, ts);
+    CREATE INDEX usage_ts ON usage_records (ts);
     """,
 )
 
@@ -203,7 +233,7 @@ class SQLiteStore(SQLiteRecords, Store):
             row = cur.execute("SELECT value FROM meta_blobs WHERE name = ?", (name,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def create_tenant(self, tenant: Tenant) -> None:
+    def create_tenant(self, tenant: Tenant, audit: Sequence[AuditEvent] = ()) -> None:
         with self._tx(write=True) as cur:
             if cur.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant.name,)).fetchone():
                 raise ConflictError(f"a tenant named {tenant.name!r} already exists")
@@ -219,6 +249,7 @@ class SQLiteStore(SQLiteRecords, Store):
                 ),
             )
             self._bump(cur)
+            self._append_audit(cur, audit)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         with self._tx() as cur:
@@ -251,6 +282,7 @@ class SQLiteStore(SQLiteRecords, Store):
         *,
         status: TenantStatus | None = None,
         tier: TenantTier | None = None,
+        audit: Sequence[AuditEvent] = (),
     ) -> Tenant:
         with self._tx(write=True) as cur:
             cur.execute(
@@ -261,23 +293,26 @@ class SQLiteStore(SQLiteRecords, Store):
             if cur.rowcount == 0:
                 raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
             self._bump(cur)
+            self._append_audit(cur, audit)
             row = cur.execute(
                 f"SELECT {_TENANT_COLS} FROM tenants t WHERE t.id = ?",
                 (tenant_id,),
             ).fetchone()
         return _tenant(row)
 
-    def delete_tenant(self, tenant_id: str) -> None:
+    def delete_tenant(self, tenant_id: str, audit: Sequence[AuditEvent] = ()) -> None:
         with self._tx(write=True) as cur:
             cur.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,))
             if cur.rowcount == 0:
                 raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
             self._bump(cur)
+            self._append_audit(cur, audit)
 
-    def insert_key(self, key: APIKey) -> None:
+    def insert_key(self, key: APIKey, audit: Sequence[AuditEvent] = ()) -> None:
         with self._tx(write=True) as cur:
             self._insert_key(cur, key)
             self._bump(cur)
+            self._append_audit(cur, audit)
 
     @staticmethod
     def _insert_key(cur: sqlite3.Cursor, key: APIKey) -> None:
@@ -328,7 +363,7 @@ class SQLiteStore(SQLiteRecords, Store):
                 ).fetchall()
         return [_key(r) for r in rows]
 
-    def revoke_key(self, key_id: str, now: float) -> APIKey:
+    def revoke_key(self, key_id: str, now: float, audit: Sequence[AuditEvent] = ()) -> APIKey:
         with self._tx(write=True) as cur:
             row = cur.execute(
                 f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
@@ -340,11 +375,18 @@ class SQLiteStore(SQLiteRecords, Store):
                 raise ConflictError(f"API key {key_id} is already revoked")
             cur.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?", (now, key_id))
             self._bump(cur)
+            self._append_audit(cur, audit)
         key = _key(row)
         key.revoked_at = now
         return key
 
-    def rotate_key(self, old_key_id: str, new_key: APIKey, old_expires_at: float) -> APIKey:
+    def rotate_key(
+        self,
+        old_key_id: str,
+        new_key: APIKey,
+        old_expires_at: float,
+        audit: Sequence[AuditEvent] = (),
+    ) -> APIKey:
         with self._tx(write=True) as cur:
             row = cur.execute(
                 f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.key_id = ?",
@@ -366,6 +408,7 @@ class SQLiteStore(SQLiteRecords, Store):
                 (old.expires_at, old.rotated_to, old_key_id),
             )
             self._bump(cur)
+            self._append_audit(cur, audit)
         return old
 
     def touch_keys(self, last_used: Mapping[str, float]) -> None:

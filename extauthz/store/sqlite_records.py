@@ -1,24 +1,36 @@
-"""SQLite: the append-mostly records (daily quota counts, audit events), kept apart from
-the tenant and key tables in sqlite.py to keep each module small."""
+"""SQLite: the append-mostly records (daily quota counts, the audit chain, usage),
+kept apart from the tenant and key tables in sqlite.py to keep each module small."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from extauthz.model import AuditEvent
+from extauthz.auditchain import GENESIS, Anchor, AuditChain
+from extauthz.errors import StoreError
+from extauthz.model import AuditEvent, UsageRecord
 
+# In AuditEvent's field order, so a row is AuditEvent(*row).
 _AUDIT_COLS = (
-    "ts, action, outcome, tenant_id, key_id, actor, reason, request_id, source, "
-    "policy_version, detail"
+    "action, outcome, ts, tenant_id, key_id, actor, reason, request_id, source, "
+    "policy_version, detail, seq, trace_id, hash"
+)
+_USAGE_COLS = (
+    "request_id, ts, day, tenant_id, key_id, route, method, status, latency_ms, "
+    "request_bytes, response_bytes, tokens_in, tokens_out, cost, incomplete"
 )
 
 
 class SQLiteRecords:
+    audit_chain: AuditChain | None = None
+
     def _tx(self, write: bool = False) -> AbstractContextManager[sqlite3.Cursor]:
         raise NotImplementedError  # provided by SQLiteStore
+
+    # ------------------------------------------------------------ quota counts
 
     def add_quota_counts(self, changes: Mapping[tuple[str, str], tuple[int, int]]) -> None:
         if not changes:
@@ -39,44 +51,229 @@ class SQLiteRecords:
             ).fetchall()
         return {row[0]: (int(row[1]), int(row[2])) for row in rows}
 
-    def append_audit(self, events: Sequence[AuditEvent]) -> None:
-        if not events:
-            return
-        with self._tx(write=True) as cur:
-            cur.executemany(
-                f"INSERT INTO audit_events ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608 - constant columns
-                [_audit_row(e) for e in events],
-            )
+    # ------------------------------------------------------------ audit chain
 
-    def list_audit(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
-        where, args = ("WHERE action = ?", [action]) if action else ("", [])
+    def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        if not events:
+            return []
+        with self._tx(write=True) as cur:
+            return self._append_audit(cur, events)
+
+    def _append_audit(self, cur: sqlite3.Cursor, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """Inside the caller's write transaction: chain on the head, insert, move the head."""
+        if not events:
+            return []
+        chain = self.audit_chain
+        # Chain on the signed head, not on the last row: rows cut from the tail then
+        # show as a gap even after later appends.
+        head = _anchor(cur, "head")
+        if chain is None or head is None:
+            last = cur.execute(
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            checkpoint = _anchor(cur, "checkpoint")
+            if last is not None:
+                head = Anchor(int(last[0]), _unhex(last[1]), b"")
+            elif checkpoint is not None:
+                head = checkpoint
+        stored, prev = chain_rows(chain, head, events)
+        cur.executemany(
+            f"INSERT INTO audit_events ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608 - constant columns
+            [_audit_values(e) for e in stored],
+        )
+        if chain is not None:
+            _put_anchor(cur, "head", chain.anchor("head", stored[-1].seq, prev))
+        return stored
+
+    def query_audit(
+        self,
+        *,
+        tenant_id: str | None = None,
+        action: str | None = None,
+        key_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[AuditEvent]:
+        where, args = ["seq > ?"], list[object]([after_seq])
+        for column, value in (("tenant_id", tenant_id), ("action", action), ("key_id", key_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
+        order = "DESC" if newest_first else "ASC"
+        clause = " AND ".join(where)
+        sql = f"SELECT {_AUDIT_COLS} FROM audit_events WHERE {clause} ORDER BY seq {order}"  # noqa: S608 - constant fragments, values bound
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._tx() as cur:
+            rows = cur.execute(sql, args).fetchall()
+        return [_audit_event(r) for r in rows]
+
+    def audit_rows(self, first: int = 1, last: int | None = None) -> Iterator[AuditEvent]:
+        upper = last if last is not None else 2**62
+        after = first - 1
+        while True:
+            with self._tx() as cur:
+                rows = cur.execute(
+                    f"SELECT {_AUDIT_COLS} FROM audit_events WHERE seq > ? AND seq <= ? "  # noqa: S608 - constant columns
+                    "ORDER BY seq LIMIT 5000",
+                    (after, upper),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _audit_event(row)
+            after = int(rows[-1][11])
+
+    def audit_head(self) -> Anchor | None:
+        with self._tx() as cur:
+            return _anchor(cur, "head")
+
+    def audit_checkpoint(self) -> Anchor | None:
+        with self._tx() as cur:
+            return _anchor(cur, "checkpoint")
+
+    def prune_audit(self, before: float) -> int:
+        chain = self.audit_chain
+        if chain is None:
+            raise StoreError("the audit chain has no key: open the store through the Runtime")
+        with self._tx(write=True) as cur:
+            # Only a prefix can go: stop at the first row that must stay.
+            keep = cur.execute("SELECT MIN(seq) FROM audit_events WHERE ts >= ?", (before,))
+            first_kept = keep.fetchone()[0]
+            bound = "seq < ?" if first_kept is not None else "1 = 1"
+            args = (first_kept,) if first_kept is not None else ()
+            last = cur.execute(
+                f"SELECT seq, hash FROM audit_events WHERE {bound} ORDER BY seq DESC LIMIT 1",  # noqa: S608 - constant fragments
+                args,
+            ).fetchone()
+            if last is None:
+                return 0
+            cur.execute("DELETE FROM audit_events WHERE seq <= ?", (last[0],))
+            deleted = cur.rowcount
+            _put_anchor(
+                cur, "checkpoint", chain.anchor("checkpoint", last[0], bytes.fromhex(last[1]))
+            )
+        return int(deleted)
+
+    # ------------------------------------------------------------ usage
+
+    def add_usage(self, records: Sequence[UsageRecord]) -> int:
+        if not records:
+            return 0
+        with self._tx(write=True) as cur:
+            before = self._db_changes(cur)
+            cur.executemany(
+                f"INSERT INTO usage_records ({_USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "  # noqa: S608 - constant columns
+                "ON CONFLICT (request_id) DO UPDATE SET "
+                "status = excluded.status, latency_ms = excluded.latency_ms, "
+                "request_bytes = excluded.request_bytes, response_bytes = excluded.response_bytes, "
+                "tokens_in = excluded.tokens_in, tokens_out = excluded.tokens_out, "
+                "cost = excluded.cost, incomplete = 0 "
+                # Only a complete record may replace an incomplete one: duplicates are
+                # dropped, and nothing is billed twice.
+                "WHERE usage_records.incomplete = 1 AND excluded.incomplete = 0",
+                [_usage_values(r) for r in records],
+            )
+            return self._db_changes(cur) - before
+
+    @staticmethod
+    def _db_changes(cur: sqlite3.Cursor) -> int:
+        return int(cur.execute("SELECT total_changes()").fetchone()[0])
+
+    def query_usage(
+        self,
+        *,
+        tenant_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[UsageRecord]:
+        where, args = ["1 = 1"], list[object]()
+        if tenant_id is not None:
+            where.append("tenant_id = ?")
+            args.append(tenant_id)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until)
         with self._tx() as cur:
             rows = cur.execute(
-                f"SELECT seq, {_AUDIT_COLS} FROM audit_events {where} "  # noqa: S608 - constants
-                "ORDER BY seq DESC LIMIT ?",
-                [*args, limit],
+                f"SELECT {_USAGE_COLS} FROM usage_records WHERE {' AND '.join(where)} "  # noqa: S608 - constant fragments, values bound
+                "ORDER BY ts, request_id",
+                args,
             ).fetchall()
-        return [_audit_event(row) for row in reversed(rows)]
+        return [_usage(r) for r in rows]
+
+    def prune_usage(self, before: float) -> int:
+        with self._tx(write=True) as cur:
+            cur.execute("DELETE FROM usage_records WHERE ts < ?", (before,))
+            return int(cur.rowcount)
 
 
-def _audit_row(e: AuditEvent) -> tuple[Any, ...]:
-    return (
-        e.ts,
-        e.action,
-        e.outcome,
-        e.tenant_id,
-        e.key_id,
-        e.actor,
-        e.reason,
-        e.request_id,
-        e.source,
-        e.policy_version,
-        e.detail,
+def chain_rows(
+    chain: AuditChain | None, head: Anchor | None, events: Sequence[AuditEvent]
+) -> tuple[list[AuditEvent], bytes]:
+    """Number ``events`` after ``head`` and hash each onto the one before; without a
+    chain key the rows get no hash (and `audit verify` will say so)."""
+    seq, prev = (0, GENESIS) if head is None else (head.seq, head.hash)
+    stored = []
+    for event in events:
+        seq += 1
+        row = dataclasses.replace(event, seq=seq, hash="")
+        if chain is not None:
+            prev = chain.link(prev, row)
+            row = dataclasses.replace(row, hash=prev.hex())
+        stored.append(row)
+    return stored, prev
+
+
+def _unhex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text) if text else GENESIS
+    except ValueError:
+        return GENESIS
+
+
+def _anchor(cur: sqlite3.Cursor, kind: str) -> Anchor | None:
+    row = cur.execute(
+        "SELECT seq, hash, signature FROM audit_anchors WHERE kind = ?", (kind,)
+    ).fetchone()
+    return None if row is None else Anchor(int(row[0]), bytes(row[1]), bytes(row[2]))
+
+
+def _put_anchor(cur: sqlite3.Cursor, kind: str, anchor: Anchor) -> None:
+    cur.execute(
+        "INSERT INTO audit_anchors (kind, seq, hash, signature) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (kind) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+        "signature = excluded.signature",
+        (kind, anchor.seq, anchor.hash, anchor.signature),
     )
 
 
-def _audit_event(row: Iterator[Any] | Sequence[Any]) -> AuditEvent:
-    seq, ts, action, outcome, tenant, key, actor, reason, request, source, version, detail = row
-    return AuditEvent(
-        action, outcome, ts, tenant, key, actor, reason, request, source, version, detail, seq
-    )
+def _audit_values(e: AuditEvent) -> tuple[Any, ...]:
+    return tuple(getattr(e, f) for f in AuditEvent.__slots__)
+
+
+def _audit_event(row: Sequence[Any]) -> AuditEvent:
+    return AuditEvent(*row)
+
+
+def _usage_values(r: UsageRecord) -> tuple[Any, ...]:
+    return tuple(getattr(r, f) for f in UsageRecord.__slots__)
+
+
+def _usage(row: Sequence[Any]) -> UsageRecord:
+    values = list(row)
+    values[-1] = bool(values[-1])
+    return UsageRecord(*values)

@@ -17,13 +17,16 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
+from extauthz.model import Completion
+
 log = logging.getLogger("extauthz.als")
 
 SERVICE = "envoy.service.accesslog.v3.AccessLogService"
 MAX_TOKENS = 10**15
 _WARNED: set[str] = set()
-# (request id, actual tokens or None, response code) for each finished request.
-Finished = Callable[[str, int | None, int], None]
+
+
+Finished = Callable[[Completion], None]
 
 
 def reported_tokens(headers: Any, names: tuple[str, ...]) -> int | None:
@@ -69,14 +72,32 @@ class AccessLogReceiver:
         return self._empty
 
     def _entry(self, entry: Any) -> None:
-        if entry.common_properties.intermediate_log_entry:
+        common = entry.common_properties
+        if common.intermediate_log_entry:
             return  # a periodic entry for a request still running
         request_id = entry.request.request_id
         self.entries += 1
         if not request_id:
             return
-        tokens = reported_tokens(entry.response.response_headers, self.usage_headers)
-        self.finished(request_id, tokens, entry.response.response_code.value)
+        headers = entry.response.response_headers
+        took = (
+            common.time_to_last_downstream_tx_byte
+            if common.HasField("time_to_last_downstream_tx_byte")
+            else common.duration
+        )
+        self.finished(
+            Completion(
+                request_id=request_id,
+                status=entry.response.response_code.value,
+                latency_ms=took.seconds * 1000.0 + took.nanos / 1e6,
+                request_bytes=entry.request.request_headers_bytes
+                + entry.request.request_body_bytes,
+                response_bytes=entry.response.response_headers_bytes
+                + entry.response.response_body_bytes,
+                tokens_in=reported_tokens(headers, self.usage_headers[:1]),
+                tokens_out=reported_tokens(headers, self.usage_headers[1:]),
+            )
+        )
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         identity: Callable[[bytes], bytes] = bytes

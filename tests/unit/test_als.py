@@ -11,6 +11,7 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 
+from extauthz.model import Completion
 from extauthz.transport.als import AccessLogReceiver, reported_tokens
 from extauthz.transport.grpc_authz import GrpcServer
 
@@ -38,7 +39,7 @@ def message(*entries: Any) -> bytes:
 @pytest.fixture
 def receiver() -> Iterator[tuple[AccessLogReceiver, list[tuple[str, int | None, int]], Any]]:
     finished: list[tuple[str, int | None, int]] = []
-    rcv = AccessLogReceiver(lambda *a: finished.append(a), USAGE)
+    rcv = AccessLogReceiver(lambda d: finished.append((d.request_id, d.tokens, d.status)), USAGE)
     server = GrpcServer([rcv.handler()], workers=2)
     port = server.bind("127.0.0.1:0")
     server.start()
@@ -82,10 +83,10 @@ def test_a_failing_entry_does_not_strand_the_rest(receiver: Any) -> None:
     rcv, finished, call = receiver
     original = rcv.finished
 
-    def flaky(request_id: str, tokens: int | None, status: int) -> None:
-        if request_id == "bad":
+    def flaky(done: Completion) -> None:
+        if done.request_id == "bad":
             raise RuntimeError("boom")
-        original(request_id, tokens, status)
+        original(done)
 
     rcv.finished = flaky
     call(iter([message(entry("bad"), entry("good"))]), timeout=5)
@@ -108,3 +109,18 @@ def test_a_failing_entry_does_not_strand_the_rest(receiver: Any) -> None:
 def test_usage_headers_are_read_strictly(headers: dict[str, str], expected: int | None) -> None:
     """Only plain whole numbers count; anything else is ignored (and logged)."""
     assert reported_tokens(headers, USAGE) == expected
+
+
+def test_latency_bytes_and_split_token_counts_come_from_the_entry() -> None:
+    """Latency is Envoy's time to the last byte sent downstream; bytes are headers plus
+    body each way; the first usage header is input tokens, the others output."""
+    seen: list[Completion] = []
+    rcv = AccessLogReceiver(seen.append, USAGE)
+    e = entry("z", x_usage_input_tokens="7", x_usage_output_tokens="5")
+    e.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(42)
+    e.request.request_headers_bytes, e.request.request_body_bytes = 100, 20
+    e.response.response_headers_bytes, e.response.response_body_bytes = 80, 300
+    rcv._entry(e)
+    (done,) = seen
+    assert (done.latency_ms, done.request_bytes, done.response_bytes) == (42.0, 120, 380)
+    assert (done.tokens_in, done.tokens_out, done.tokens) == (7, 5, 12)

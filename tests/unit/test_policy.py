@@ -38,8 +38,10 @@ ERRORS = {
     "the tag 'tag:yaml.org,2002:python/name:os.system'",
     "tokens_per_day_negative.yaml": "3: tenants.t_1.tokens_per_day must be at least 0, not -5",
     "key_rate_missing.yaml": "3: tiers.free.key_rate_limit needs requests_per_minute",
-    "unknown_top.yaml": "1: unknown key 'limits' in the policy (known: routes, tenants, "
-    "tiers, timezone, tokens)",
+    "unknown_top.yaml": "1: unknown key 'limits' in the policy (known: audit, retention, "
+    "routes, security, tenants, tiers, timezone, tokens)",
+    "sample_too_big.yaml": "2: audit.sample_allowed must be 0 to 1, not 2.0",
+    "security_zero.yaml": "2: security.max_auth_failures must be at least 1, not 0",
 }
 
 
