@@ -293,7 +293,7 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from extauthz import cli_limits, runner
+    from extauthz import cli_records, runner
 
     parser = argparse.ArgumentParser(
         prog="extauthz", description="External authorization sidecar for Envoy."
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = add(keys, "rotate", cmd_keys_rotate, "issue a new key; the old one ends after --grace")
     c.add_argument("key_id")
     c.add_argument("--grace", default="1h", metavar="DURATION", help="default 1h; 0 ends it now")
-    cli_limits.add_commands(sub, add, _with_runtime)
+    cli_records.add_commands(sub, add, _with_runtime)
     return parser
 
 
