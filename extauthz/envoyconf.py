@@ -222,7 +222,8 @@ def _access_log(usage_headers: tuple[str, ...]) -> dict[str, Any]:
                 "grpc_service": {"envoy_grpc": {"cluster_name": "extauthz_als"}},
                 # Envoy's default is 1 s: a finished request would hold its concurrency
                 # slot that long, and a quick sequential client would see false 429s.
-                "buffer_flush_interval": "0.02s",
+                # At 0.02 s the lag was ~20 ms and still caused some; 5 ms: ~10 ms.
+                "buffer_flush_interval": "0.005s",
             },
             # The upstream's usage report, to settle reserved tokens.
             "additional_response_headers_to_log": list(usage_headers),

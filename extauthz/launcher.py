@@ -35,11 +35,16 @@ class EnvoyError(ExtauthzError):
 
 class EnvoyProcess:
     def __init__(
-        self, config: dict[str, Any], workdir: Path, concurrency: int | None = None
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        concurrency: int | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.workdir = workdir
         self.concurrency = concurrency
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "envoy.log"
         self.admin_url = ""
@@ -63,6 +68,7 @@ class EnvoyProcess:
         ]
         if self.concurrency:
             cmd += ["--concurrency", str(self.concurrency)]
+        cmd += list(self.extra_args)
         with self.log_path.open("wb") as log_file:
             # Its own session, so a Ctrl-C reaches us first and we stop Envoy in order.
             self.proc = subprocess.Popen(  # noqa: S603

@@ -204,7 +204,8 @@ class Sidecar:
         if self.upkeep.is_alive():
             self.upkeep.stop()
         # Leases still open will never be reported: bill them as incomplete.
-        for settled in self.runtime.counters.drain_expired():
+        counters = self.runtime.counters
+        for settled in counters.drain_expired() + counters.end_leases():
             self.runtime.usage.add(incomplete(settled))
         for name, close in (
             ("audit events", self.runtime.audit.close),

@@ -101,6 +101,11 @@ class Counters(abc.ABC):
         """Expire overdue leases and forget idle state; returns the leases expired."""
 
     @abc.abstractmethod
+    def end_leases(self) -> list[Settlement]:
+        """At shutdown: the leases nobody can release any more, ended now. Memory
+        counters die with the process, so all of them; shared counters, none."""
+
+    @abc.abstractmethod
     def drain_expired(self) -> list[Settlement]:
         """Leases that expired without a release since the last call (their requests
         get an `incomplete` usage record)."""

@@ -197,6 +197,13 @@ class MemoryCounters(Counters):
                 self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
         return _settlement(ask, actual_tokens)
 
+    def end_leases(self) -> list[Settlement]:
+        with self._lock:
+            ended = [_settlement(lease.ask, None) for lease in self._leases.values()]
+            self._leases.clear()
+            self._held.clear()
+        return ended
+
     def drain_expired(self) -> list[Settlement]:
         with self._lock:
             expired, self._expired = self._expired, []

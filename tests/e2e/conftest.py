@@ -139,6 +139,7 @@ def running_stack(
     als: bool = True,
     body_bytes: int | None = None,
     tweak: Callable[[dict[str, Any]], None] | None = None,
+    envoy_args: tuple[str, ...] = (),
     **extra: str,
 ) -> Iterator[Stack]:
     """Backend <- Envoy <- extauthz serve (with its access-log receiver unless ``als``
@@ -158,7 +159,7 @@ def running_stack(
     )
     if tweak is not None:
         tweak(config)
-    envoy = EnvoyProcess(config, data / "envoy", concurrency=1)
+    envoy = EnvoyProcess(config, data / "envoy", concurrency=1, extra_args=envoy_args)
     try:
         envoy.start()
         port = envoy.listener_port()

@@ -261,7 +261,7 @@ def test_envoy_config_follows_the_policy_token_source(
     forwarded = [p["exact"] for p in ext_authz["allowed_headers"]["patterns"]]
     assert "x-token-budget" in forwarded
     log = hcm["typed_config"]["access_log"][0]["typed_config"]
-    assert log["common_config"]["buffer_flush_interval"] == "0.02s"
+    assert log["common_config"]["buffer_flush_interval"] == "0.005s"
     assert log["additional_response_headers_to_log"] == [
         "x-usage-input-tokens",
         "x-usage-output-tokens",
