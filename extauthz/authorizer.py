@@ -135,6 +135,8 @@ class Authorizer:
                 audit.event(
                     SECURITY_ALERT,
                     "blocked" if kind == "source" and rules.block_seconds else "alert",
+                    # A key's alert goes to its tenant (and the tenant's webhook).
+                    tenant_id=principal.tenant_id if principal and kind == "key_id" else "",
                     key_id=value if kind == "key_id" else "",
                     source=value if kind == "source" else "",
                     reason="brute_force",

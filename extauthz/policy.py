@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from extauthz.errors import ConfigError
 from extauthz.model import TenantTier
+from extauthz.policy_reader import Node as _Node
+from extauthz.policy_reader import PolicyError
+from extauthz.policy_reader import Reader as _Reader
 
-
-class PolicyError(ConfigError):
-    """The policy file is invalid; the message starts with ``file:line:``."""
+__all__ = ["DEFAULT_TIERS", "Limits", "Policy", "PolicyError", "load_policy", "parse_policy"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,19 @@ class SecurityRules:
     block_seconds: int = 300
 
 
+WEBHOOK_EVENTS = ("QUOTA_EXCEEDED", "KEY_REVOKED", "SECURITY_ALERT")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where a tenant's notable events are POSTed, signed with the secret found in the
+    environment variable ``secret_env`` (never in this file)."""
+
+    url: str
+    secret_env: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+
+
 @dataclass(frozen=True)
 class RetentionRules:
     usage_days: int = 400
@@ -107,6 +119,7 @@ class Policy:
     audit: AuditRules = AuditRules()
     security: SecurityRules = SecurityRules()
     retention: RetentionRules = RetentionRules()
+    webhooks: dict[str, Webhook] = field(default_factory=dict)
     _merged: dict[tuple[str, TenantTier], Limits] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -129,70 +142,6 @@ class Policy:
 
 
 # ---------------------------------------------------------------- parsing
-
-_Node = yaml.Node
-
-
-class _Reader:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def error(self, node: _Node, message: str) -> PolicyError:
-        return PolicyError(f"{self.source}:{node.start_mark.line + 1}: {message}")
-
-    def mapping(self, node: _Node, where: str, allowed: set[str]) -> dict[str, _Node]:
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, f"{where} must be a mapping")
-        out: dict[str, _Node] = {}
-        for key_node, value in node.value:
-            key = str(key_node.value)
-            if allowed and key not in allowed:
-                known = ", ".join(sorted(allowed))
-                raise self.error(key_node, f"unknown key {key!r} in {where} (known: {known})")
-            if key in out:
-                raise self.error(key_node, f"{key!r} appears twice in {where}")
-            out[key] = value
-        return out
-
-    def scalar(self, node: _Node, where: str) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.error(node, f"{where} must be a single value")
-        try:
-            return yaml.safe_load(yaml.serialize(node))
-        except yaml.YAMLError as exc:  # e.g. a !!python/object tag: never constructed
-            problem = getattr(exc, "problem", None) or "cannot be read"
-            raise self.error(node, f"{where}: {problem}") from None
-
-    def integer(self, node: _Node, where: str, minimum: int) -> int:
-        value = self.scalar(node, where)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(node, f"{where} must be a whole number, not {value!r}")
-        if value < minimum:
-            raise self.error(node, f"{where} must be at least {minimum}, not {value}")
-        return value
-
-    def number(self, node: _Node, where: str) -> float:
-        value = self.scalar(node, where)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(node, f"{where} must be a number, not {value!r}")
-        if not math.isfinite(value):
-            raise self.error(node, f"{where} must be a finite number, not {value!r}")
-        if value < 0:
-            raise self.error(node, f"{where} must not be negative, not {value}")
-        return float(value)
-
-    def boolean(self, node: _Node, where: str) -> bool:
-        value = self.scalar(node, where)
-        if not isinstance(value, bool):
-            raise self.error(node, f"{where} must be true or false, not {value!r}")
-        return value
-
-    def text(self, node: _Node, where: str) -> str:
-        value = self.scalar(node, where)
-        if not isinstance(value, str) or not value:
-            raise self.error(node, f"{where} must be a non-empty string")
-        return value
-
 
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 
@@ -263,7 +212,17 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     top = r.mapping(
         root,
         "the policy",
-        {"tiers", "tenants", "routes", "tokens", "timezone", "audit", "security", "retention"},
+        {
+            "tiers",
+            "tenants",
+            "routes",
+            "tokens",
+            "timezone",
+            "audit",
+            "security",
+            "retention",
+            "webhooks",
+        },
     )
     tiers = dict(DEFAULT_TIERS)
     if "tiers" in top:
@@ -302,7 +261,33 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         audit=_audit_rules(r, top["audit"]) if "audit" in top else AuditRules(),
         security=_section(r, top, "security", SecurityRules, {"max_auth_failures": 1}),
         retention=_section(r, top, "retention", RetentionRules, {"usage_days": 1, "audit_days": 1}),
+        webhooks=_webhooks(r, top["webhooks"]) if "webhooks" in top else {},
     )
+
+
+def _webhooks(r: _Reader, node: _Node) -> dict[str, Webhook]:
+    hooks = {}
+    for tenant_id, item in r.mapping(node, "webhooks", set()).items():
+        where = f"webhooks.{tenant_id}"
+        fields = r.mapping(item, where, {"url", "secret_env", "events"})
+        for name in ("url", "secret_env"):
+            if name not in fields:
+                raise r.error(item, f"{where} needs {name}")
+        url = r.text(fields["url"], f"{where}.url")
+        if not url.startswith(("https://", "http://")):
+            raise r.error(fields["url"], f"{where}.url must start with https:// or http://")
+        events: tuple[str, ...] = WEBHOOK_EVENTS
+        if "events" in fields:
+            listed = fields["events"]
+            if not isinstance(listed, yaml.SequenceNode):
+                raise r.error(listed, f"{where}.events must be a list")
+            events = tuple(r.text(n, f"{where}.events") for n in listed.value)
+            for name, n in zip(events, listed.value, strict=True):
+                if name not in WEBHOOK_EVENTS:
+                    known = ", ".join(WEBHOOK_EVENTS)
+                    raise r.error(n, f"{where}.events: {name!r} is not one of {known}")
+        hooks[tenant_id] = Webhook(url, r.text(fields["secret_env"], f"{where}.secret_env"), events)
+    return hooks
 
 
 def _audit_rules(r: _Reader, node: _Node) -> AuditRules:

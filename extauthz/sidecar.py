@@ -23,6 +23,7 @@ from extauthz.transport.als import AccessLogReceiver
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
 from extauthz.transport.http_authz import HttpAuthzThread
 from extauthz.usage import completed, incomplete
+from extauthz.webhooks import WebhookDispatcher
 
 log = logging.getLogger("extauthz")
 
@@ -32,10 +33,16 @@ class Upkeep(threading.Thread):
     ``revocation_poll``) and the policy file; writes last-used times, daily counts and
     audit events in batches; expires overdue concurrency leases."""
 
-    def __init__(self, runtime: Runtime, watcher: PolicyWatcher | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        watcher: PolicyWatcher | None = None,
+        webhooks: WebhookDispatcher | None = None,
+    ) -> None:
         super().__init__(name="extauthz-upkeep", daemon=True)
         self.runtime = runtime
         self.watcher = watcher
+        self.webhooks = webhooks
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -48,6 +55,8 @@ class Upkeep(threading.Thread):
                 self.runtime.resolver.refresh()
                 if self.watcher is not None:
                     self.watcher.poll()
+                if self.webhooks is not None:
+                    self.webhooks.poll()
                 if clock.monotonic() >= next_flush:
                     next_flush = clock.monotonic() + settings.flush_interval
                     self.runtime.counters.maintain(self._days())
@@ -92,7 +101,8 @@ class Sidecar:
             self.watcher = PolicyWatcher(
                 runtime.settings.policy_file, (self.authorizer, runtime), runtime.audit
             )
-        self.upkeep = Upkeep(runtime, self.watcher)
+        self.webhooks = WebhookDispatcher(runtime.store, lambda: runtime.policy)
+        self.upkeep = Upkeep(runtime, self.watcher, self.webhooks)
         self.als = AccessLogReceiver(self._finished, runtime.settings.usage_headers)
         self.grpc: GrpcServer | None = None
         self.als_server: GrpcServer | None = None
@@ -151,6 +161,7 @@ class Sidecar:
         self._verify_audit_tail()
         self.runtime.audit.start()
         self.runtime.usage.start()
+        self.webhooks.start()
         self.upkeep.start()
         for server in (self.grpc, self.als_server):
             if server is not None:
@@ -216,6 +227,7 @@ class Sidecar:
                 close()
             except ExtauthzError as exc:
                 log.error("could not write %s on stop: %s", name, exc)
+        self.webhooks.close()
         log.info("stopped")
 
 

@@ -16,6 +16,7 @@ from extauthz.model import TenantTier
 from tests.e2e.backends import TestBackend
 from tests.e2e.conftest import Stack, running_stack, wait_until
 from tests.e2e.http_util import get
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -169,3 +170,21 @@ def test_audit_verify_and_query_answer_the_auditors_question(audited: tuple[Stac
     assert "KEY_REVOKED" in out.stdout
     assert "admin:" in out.stdout
     assert "audit chain OK" in out.stdout
+
+
+def test_a_revocation_from_the_cli_reaches_the_tenants_webhook(tmp_path: Path) -> None:
+    """With a webhook in the policy, `extauthz keys revoke` in another process makes the
+    running sidecar POST a signed KEY_REVOKED to the tenant's URL within a second or so."""
+    receiver = Receiver(b"hook-secret")
+    policy = f"webhooks:\n  t_hook: {{url: '{receiver.url}', secret_env: HOOK_SECRET}}\n"
+    try:
+        with running_stack(tmp_path, "grpc", policy, HOOK_SECRET="hook-secret") as stack:
+            stack.runtime.tenants.create_tenant("hooked", TenantTier.FREE, "t_hook")
+            key_id = stack.runtime.keys.create_key("t_hook")[0]
+            assert stack.cli("keys", "revoke", key_id).returncode == 0
+            took = wait_until(lambda: bool(receiver.received), 5)
+    finally:
+        receiver.stop()
+    (sent,) = receiver.received
+    assert (sent["event"], sent["key_id"], receiver.bad_signatures) == ("KEY_REVOKED", key_id, 0)
+    assert took < 2.0

@@ -39,7 +39,10 @@ ERRORS = {
     "tokens_per_day_negative.yaml": "3: tenants.t_1.tokens_per_day must be at least 0, not -5",
     "key_rate_missing.yaml": "3: tiers.free.key_rate_limit needs requests_per_minute",
     "unknown_top.yaml": "1: unknown key 'limits' in the policy (known: audit, retention, "
-    "routes, security, tenants, tiers, timezone, tokens)",
+    "routes, security, tenants, tiers, timezone, tokens, webhooks)",
+    "webhook_bad_url.yaml": "3: webhooks.t_1.url must start with https:// or http://",
+    "webhook_bad_event.yaml": "5: webhooks.t_1.events: 'KEY_CREATED' is not one of "
+    "QUOTA_EXCEEDED, KEY_REVOKED, SECURITY_ALERT",
     "sample_too_big.yaml": "2: audit.sample_allowed must be 0 to 1, not 2.0",
     "security_zero.yaml": "2: security.max_auth_failures must be at least 1, not 0",
 }
