@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from extauthz.model import AuditEvent
 
 GENESIS = bytes(32)
-# The fields a row's hash covers: all of them except the hash itself.
+# The fields a row's hash covers, in this order: all of them except the hash itself.
 CHAINED = (
     "seq",
     "ts",
@@ -40,10 +40,27 @@ CHAINED = (
 )
 
 
-def canonical(event: AuditEvent) -> bytes:
-    """Sorted keys, no spaces, ASCII: the same bytes for the same row, in any process."""
-    fields = {name: getattr(event, name) for name in CHAINED}
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+def canonical(event: AuditEvent, seq: int | None = None) -> bytes:
+    """A JSON array of the CHAINED fields, no spaces, ASCII: the same bytes for the same
+    row in any process (floats print as their shortest round-trip form). ``seq``, when
+    given, stands in for the event's own (numbering and hashing happen together)."""
+    e = event
+    values = [
+        e.seq if seq is None else seq,
+        e.ts,
+        e.action,
+        e.outcome,
+        e.tenant_id,
+        e.key_id,
+        e.actor,
+        e.reason,
+        e.request_id,
+        e.source,
+        e.policy_version,
+        e.trace_id,
+        e.detail,
+    ]
+    return json.dumps(values, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -68,8 +85,8 @@ class AuditChain:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def link(self, prev: bytes, event: AuditEvent) -> bytes:
-        return hmac.digest(self._key, prev + canonical(event), "sha256")
+    def link(self, prev: bytes, event: AuditEvent, seq: int | None = None) -> bytes:
+        return hmac.digest(self._key, prev + canonical(event, seq), "sha256")
 
     def anchor(self, kind: str, seq: int, digest: bytes) -> Anchor:
         message = kind.encode() + b"\0" + seq.to_bytes(8, "big") + digest

@@ -74,6 +74,15 @@ class Authorizer:
         if self.guard is not None:
             blocked = self.guard.blocked_for(request.source_address)
             if blocked > 0:
+                if self.audit is not None:  # denials are never sampled
+                    self.audit.event(
+                        AUTH_FAILURE,
+                        "denied",
+                        reason="source_blocked",
+                        request_id=request.request_id[:128],
+                        source=request.source_address[:64],
+                        policy_version=self.policy.version,
+                    )
                 return self._blocked(blocked)
         decision = self._decide(request)
         if not decision.allowed and log.isEnabledFor(logging.DEBUG):

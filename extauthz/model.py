@@ -156,7 +156,10 @@ class Decision:
         )
 
 
-@dataclass(frozen=True, slots=True)
+# AuditEvent and UsageRecord are built several times per request (hot path, writer):
+# plain slotted classes, since a frozen dataclass pays one object.__setattr__ per field.
+# Treat them as immutable all the same.
+@dataclass(slots=True)
 class AuditEvent:
     """One audit record. Never holds a key or an Authorization header: ids and facts."""
 
@@ -179,7 +182,7 @@ class AuditEvent:
         return {f: getattr(self, f) for f in self.__slots__}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageRecord:
     """One finished (or, if Envoy never reported it, ``incomplete``) allowed request."""
 

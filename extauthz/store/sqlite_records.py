@@ -3,7 +3,6 @@ kept apart from the tenant and key tables in sqlite.py to keep each module small
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -228,13 +227,31 @@ def chain_rows(
     chain key the rows get no hash (and `audit verify` will say so)."""
     seq, prev = (0, GENESIS) if head is None else (head.seq, head.hash)
     stored = []
-    for event in events:
+    for e in events:
         seq += 1
-        row = dataclasses.replace(event, seq=seq, hash="")
+        digest = ""
         if chain is not None:
-            prev = chain.link(prev, row)
-            row = dataclasses.replace(row, hash=prev.hex())
-        stored.append(row)
+            prev = chain.link(prev, e, seq)
+            digest = prev.hex()
+        # Built positionally: dataclasses.replace() cost ~6 us a row here.
+        stored.append(
+            AuditEvent(
+                e.action,
+                e.outcome,
+                e.ts,
+                e.tenant_id,
+                e.key_id,
+                e.actor,
+                e.reason,
+                e.request_id,
+                e.source,
+                e.policy_version,
+                e.detail,
+                seq,
+                e.trace_id,
+                digest,
+            )
+        )
     return stored, prev
 
 
@@ -262,7 +279,22 @@ def _put_anchor(cur: sqlite3.Cursor, kind: str, anchor: Anchor) -> None:
 
 
 def _audit_values(e: AuditEvent) -> tuple[Any, ...]:
-    return tuple(getattr(e, f) for f in AuditEvent.__slots__)
+    return (
+        e.action,
+        e.outcome,
+        e.ts,
+        e.tenant_id,
+        e.key_id,
+        e.actor,
+        e.reason,
+        e.request_id,
+        e.source,
+        e.policy_version,
+        e.detail,
+        e.seq,
+        e.trace_id,
+        e.hash,
+    )
 
 
 def _audit_event(row: Sequence[Any]) -> AuditEvent:

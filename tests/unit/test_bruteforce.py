@@ -59,7 +59,9 @@ def test_failures_from_one_source_alert_then_block_then_expire(
         ("blocked", "203.0.113.5", "brute_force")
     ]
     assert json.loads(alerts[0].detail)["blocked_seconds"] == 300
-    assert len(audit.get_events(action="AUTH_FAILURE")) == 5
+    failures = audit.get_events(action="AUTH_FAILURE")
+    assert [e.reason for e in failures].count("unknown_key") == 5
+    assert [e.reason for e in failures].count("source_blocked") == 2  # blocked, audited
 
 
 def test_failures_spread_beyond_the_window_do_not_alert(
