@@ -80,6 +80,7 @@ class Authorizer:
                         "denied",
                         reason="source_blocked",
                         request_id=request.request_id[:128],
+                        trace_id=request.trace_id,
                         source=request.source_address[:64],
                         policy_version=self.policy.version,
                     )
@@ -116,6 +117,7 @@ class Authorizer:
                     tenant_id=principal.tenant_id if principal else "",
                     key_id=principal.key_id if principal else "",
                     request_id=request.request_id[:128],
+                    trace_id=request.trace_id,
                     source=request.source_address[:64],
                     policy_version=policy.version,
                 )
@@ -132,6 +134,7 @@ class Authorizer:
             key_id=key_id,
             reason=decision.reason,
             request_id=request.request_id[:128],
+            trace_id=request.trace_id,
             source=request.source_address[:64],
             policy_version=policy.version,
         )

@@ -78,7 +78,8 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], http2: bool) -> dict[s
 # less work per check; tenant identity headers are never forwarded (they come from us).
 # x-envoy-external-address is the client address Envoy trusts (with use_remote_address);
 # the last x-forwarded-for hop is not: for loopback clients Envoy appends its own address.
-FORWARDED = ("x-request-id", "x-envoy-external-address", "x-forwarded-for")
+# traceparent (W3C) lets audit events carry the request's trace id.
+FORWARDED = ("x-request-id", "x-envoy-external-address", "x-forwarded-for", "traceparent")
 UPSTREAM_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
 RATELIMIT_HEADERS = ("ratelimit-policy", "ratelimit")
 CLIENT_HEADERS = (

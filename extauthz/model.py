@@ -108,6 +108,17 @@ class CheckInput:
     request_id: str = ""
     body: bytes | None = None  # only when Envoy sends it (with_request_body)
 
+    @property
+    def trace_id(self) -> str:
+        """The W3C trace id from ``traceparent`` (32 hex digits), or ""."""
+        value = self.headers.get("traceparent")
+        if not isinstance(value, str) or len(value) != 55 or value[2] != "-":
+            return ""
+        trace = value[3:35]
+        if trace == "0" * 32 or any(c not in "0123456789abcdef" for c in trace):
+            return ""
+        return trace
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

@@ -125,6 +125,7 @@ class LimitGate:
                 key_id=principal.key_id,
                 reason=reason,
                 request_id=request.request_id[:128],
+                trace_id=request.trace_id,
                 source=request.source_address[:64],
                 policy_version=policy.version,
                 detail={"limit": by or reason},
