@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from extauthz.app import Runtime
+from extauthz.errors import StoreError
 from extauthz.model import CheckInput, Completion, TenantTier
 from extauthz.settings import Settings
 from extauthz.sidecar import Sidecar
@@ -67,4 +70,26 @@ def test_audit_events_carry_the_w3c_trace_id(tmp_path: Path) -> None:
     rt.flush()
     events = rt.store.query_audit(action="AUTH_SUCCESS")
     assert [e.trace_id for e in events] == [trace, ""]
+    rt.close()
+
+
+def test_blocking_audit_refuses_a_request_it_cannot_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """audit_blocking ("no audit, no allow"): the event is in the store before the answer
+    (no flush needed); if it cannot be written the request gets 503 audit_unavailable."""
+    rt = Runtime.open(Settings(data_dir=tmp_path, audit_blocking=True))
+    rt.tenants.create_tenant("t", TenantTier.STARTER, "t")
+    key = rt.keys.create_key("t")[1]
+    authorizer = Sidecar(rt).authorizer
+    assert authorizer.check(CheckInput("GET", "/v1", {"x-api-key": key})).allowed
+    assert len(rt.store.query_audit(action="AUTH_SUCCESS")) == 1
+
+    def broken(events: object) -> None:
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(rt.store, "append_audit", broken)
+    refused = authorizer.check(CheckInput("GET", "/v1", {"x-api-key": key}))
+    assert (refused.status, refused.reason) == (503, "audit_unavailable")
+    monkeypatch.undo()
     rt.close()
