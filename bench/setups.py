@@ -121,6 +121,8 @@ class Sidecar:
             "127.0.0.1:0",
             "--als-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--json",
         ]
         if workers > 1:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hmac
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from cachetools import TTLCache
@@ -63,6 +64,11 @@ class KeyResolver:
         self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
         self._last_used: dict[str, float] = {}
         self._revision = -1
+        # Cache results, read by the metrics collector: hit, negative_hit, miss.
+        self.stats: dict[str, int] = {"hit": 0, "negative_hit": 0, "miss": 0}
+        # Called with the seconds a change in the store took to drop this cache.
+        self.on_change: Callable[[float], None] | None = None
+        self.on_lookup: Callable[[float], None] | None = None  # seconds a store lookup took
         self._generation = 0
 
     def resolve(self, presented: str) -> Resolution:
@@ -73,8 +79,10 @@ class KeyResolver:
             try:
                 entry: _Entry | None = self._hits[key_hash]
                 negative = False
+                self.stats["hit"] += 1
             except KeyError:
                 entry, negative = None, key_hash in self._misses
+                self.stats["negative_hit" if negative else "miss"] += 1
             generation = self._generation
         if negative:
             return _UNKNOWN
@@ -83,7 +91,10 @@ class KeyResolver:
                 return _BAD_CHECKSUM
             # Unknown and known-but-revoked keys both cost exactly one lookup here, so
             # response time does not tell an attacker which of the two a key is.
+            started = time.perf_counter()
             found = self.store.lookup(key_hash)
+            if self.on_lookup is not None:
+                self.on_lookup(time.perf_counter() - started)
             with self._lock:
                 # If the cache was dropped while we read, what we read may predate the
                 # change that dropped it: use it for this request, but do not cache it.
@@ -128,8 +139,13 @@ class KeyResolver:
         revision = self.store.revision()
         if revision == self._revision:
             return False
+        first = self._revision < 0
         self._revision = revision
         self.invalidate()
+        if not first and self.on_change is not None:
+            changed = self.store.changed_at()
+            if changed is not None:
+                self.on_change(max(0.0, self.clock.now() - changed))
         return True
 
     def flush_last_used(self) -> int:

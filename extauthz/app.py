@@ -24,6 +24,7 @@ from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
 from extauthz.policy import Policy, load_policy
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
+from extauthz.telemetry.metrics import Metrics
 from extauthz.tenants import TenantManager
 from extauthz.usage import UsageTracker
 
@@ -105,6 +106,7 @@ class Runtime:
     usage: UsageTracker
     policy: Policy
     guard: BruteForceGuard
+    metrics: Metrics
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -152,7 +154,14 @@ class Runtime:
             UsageTracker(store, clock, Policy, interval=settings.flush_interval),
             policy,
             BruteForceGuard(clock),
+            Metrics(
+                namespace=settings.metrics_namespace,
+                tenant_label=settings.metrics_tenant_label,
+                tenant_cap=settings.metrics_tenant_cap,
+            ),
         )
+        resolver.on_change = runtime.metrics.revocation.observe
+        resolver.on_lookup = runtime.metrics.store_latency.observe
         runtime.usage.policy = lambda: runtime.policy  # follows reloads
         return runtime
 
@@ -167,6 +176,7 @@ class Runtime:
             gate=LimitGate(self.counters, self.clock, self.audit),
             audit=self.audit,
             guard=self.guard,
+            metrics=self.metrics,
         )
 
     def quota(self, tenant_id: str) -> TenantQuota:

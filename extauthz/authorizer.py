@@ -21,8 +21,9 @@ import json
 import logging
 import math
 import random
+import time
 
-from extauthz.apikeys import KeyResolver
+from extauthz.apikeys import KeyResolver, Resolution
 from extauthz.audit import AUTH_FAILURE, AUTH_SUCCESS, SECURITY_ALERT, AuditLogger
 from extauthz.bruteforce import BruteForceGuard
 from extauthz.errors import StoreError
@@ -31,6 +32,7 @@ from extauthz.limits.gate import LimitGate
 from extauthz.model import CheckInput, Decision, Principal
 from extauthz.policy import Policy
 from extauthz.reasons import REASONS, Reason, deny_decision
+from extauthz.telemetry.metrics import Metrics
 
 log = logging.getLogger("extauthz.authorizer")
 __all__ = ["REASONS", "Authorizer", "Reason", "deny_decision"]
@@ -49,6 +51,7 @@ class Authorizer:
         gate: LimitGate | None = None,
         audit: AuditLogger | None = None,
         guard: BruteForceGuard | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.resolver = resolver
         self.key_headers = key_headers
@@ -57,6 +60,7 @@ class Authorizer:
         self.gate = gate
         self.audit = audit
         self.guard = guard
+        self.metrics = metrics
         # A public path needs no key, but the upstream must still never see forged
         # identity headers or a key someone sent anyway. `authorization` is removed only
         # when it holds a Bearer token: other schemes there belong to the upstream.
@@ -71,6 +75,23 @@ class Authorizer:
         self._allowed_generation = -1
 
     def check(self, request: CheckInput) -> Decision:
+        metrics = self.metrics
+        if metrics is None:
+            return self._check(request)
+        started = time.perf_counter()
+        decision = self._check(request)
+        metrics.observe(request, decision, self._endpoint(request), time.perf_counter() - started)
+        return decision
+
+    def _endpoint(self, request: CheckInput) -> str:
+        """The metrics label for the request's route: its policy rule, or "other" (a raw
+        path would be a label per URL)."""
+        route = self.policy.route(request.path) if self.policy.routes else None
+        if route is None:
+            return "other"
+        return route.path if route.path is not None else f"{route.prefix}*"
+
+    def _check(self, request: CheckInput) -> Decision:
         if self.guard is not None:
             blocked = self.guard.blocked_for(request.source_address)
             if blocked > 0:
@@ -191,21 +212,9 @@ class Authorizer:
         if isinstance(found, str):
             return self.denials[found]
         header, presented = found
-        try:
-            result = self.resolver.resolve(presented)
-        except StoreError as exc:
-            # Fail closed: without the store we cannot tell a revoked key from a good one.
-            log.warning("store lookup failed, denying with 503: %s", exc)
-            return self.denials["store_unavailable"]
-        if result.reason is not None:
-            if result.key is None or result.tenant is None:
-                return self.denials[result.reason]
-            # A known key (revoked, expired, suspended tenant): the audit names it.
-            return dataclasses.replace(
-                self.denials[result.reason],
-                principal=Principal(result.tenant.id, result.tenant.tier, result.key.key_id),
-                reusable=False,
-            )
+        result = self._resolve(presented)
+        if isinstance(result, Decision):
+            return result
         key, tenant = result.key, result.tenant
         if key is None or tenant is None:  # resolve() always sets both on success
             return self.denials["internal_error"]
@@ -232,6 +241,27 @@ class Authorizer:
             return decision
         final = self.gate.apply(decision, request, policy, cost)
         return self.denials[final] if isinstance(final, str) else final
+
+    def _resolve(self, presented: str) -> Resolution | Decision:
+        """The key's resolution, or the deny answer for a key that is not valid."""
+        try:
+            result = self.resolver.resolve(presented)
+        except StoreError as exc:
+            # Fail closed: without the store we cannot tell a revoked key from a good one.
+            log.warning("store lookup failed, denying with 503: %s", exc)
+            if self.metrics is not None:
+                self.metrics.store_errors.labels("lookup").inc()
+            return self.denials["store_unavailable"]
+        if result.reason is None:
+            return result
+        if result.key is None or result.tenant is None:
+            return self.denials[result.reason]
+        # A known key (revoked, expired, suspended tenant): the audit names it.
+        return dataclasses.replace(
+            self.denials[result.reason],
+            principal=Principal(result.tenant.id, result.tenant.tier, result.key.key_id),
+            reusable=False,
+        )
 
     def _allowed_now(self) -> dict[tuple[str, str], Decision]:
         generation = self.resolver.generation

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         sidecar = Sidecar(runtime, args.mode)
         signals.on_reload = sidecar.reload_policy
         try:
-            ports = sidecar.start(args.grpc_addr, args.http_addr, args.als_addr)
+            ports = sidecar.start(args.grpc_addr, args.http_addr, args.als_addr, args.metrics_addr)
             if args.json:
                 print(json.dumps(ports), flush=True)
             log.info("received %s", signals.wait())
@@ -59,6 +59,9 @@ def _spawn_worker(
     if mode in ("http", "both"):
         cmd += ["--http-addr", _worker_addr(args.http_addr or settings.http_addr, index)]
     cmd += ["--als-addr", _worker_addr(args.als_addr or settings.als_addr, index)]
+    metrics = args.metrics_addr or settings.metrics_addr
+    if metrics.lower() not in ("", "off"):
+        cmd += ["--metrics-addr", _worker_addr(metrics, index)]
     # The workers must use this process's store and data, whatever flags chose them.
     env = {
         **os.environ,
@@ -129,7 +132,9 @@ def _up(
     mode = args.mode or ("http" if runtime.settings.mode == "http" else "grpc")
     sidecar = Sidecar(runtime, mode)
     signals.on_reload = sidecar.reload_policy
-    ports = sidecar.start(args.grpc_addr or "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0")
+    ports = sidecar.start(
+        args.grpc_addr or "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+    )
     config = render(
         listen=listen,
         upstream=upstream,
@@ -195,6 +200,8 @@ def _print_ready(ready: dict[str, Any]) -> None:
     print(f"  Envoy admin:      {ready['envoy_admin']}")
     port = ready[f"{ready['mode']}_port"]
     print(f"  ext_authz:        {ready['mode']} on 127.0.0.1:{port}")
+    if "metrics_port" in ready:
+        print(f"  metrics:          http://127.0.0.1:{ready['metrics_port']}/metrics")
     if "key" in ready:
         print("\nTry it (the demo key was created just now and is shown only here):")
         print(f"  curl -i {ready['url']}/hello                                   # 401, no key")
@@ -306,6 +313,11 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument("--http-addr", metavar="HOST:PORT", help="HTTP address (EXTAUTHZ_HTTP_ADDR)")
     c.add_argument(
         "--als-addr", metavar="HOST:PORT", help="access-log receiver address (EXTAUTHZ_ALS_ADDR)"
+    )
+    c.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="/metrics, /healthz, /readyz address, or off (EXTAUTHZ_METRICS_ADDR)",
     )
     c.add_argument(
         "--workers",

@@ -71,6 +71,10 @@ class Settings:
     usage_headers: tuple[str, ...] = ("x-usage-input-tokens", "x-usage-output-tokens")
     max_body_bytes: int = 1_048_576  # bodies Envoy sends for a max_tokens field; larger: 413
     audit_blocking: bool = False  # "no audit, no allow": write each event before answering
+    metrics_addr: str = "127.0.0.1:9004"  # /metrics, /healthz, /readyz; "off" disables
+    metrics_namespace: str = "extauthz"
+    metrics_tenant_label: bool = True  # a `tenant` label on request counts
+    metrics_tenant_cap: int = 1000  # tenants with their own label value; the rest "other"
 
     @property
     def db_url(self) -> str:
@@ -122,6 +126,13 @@ def _header_names(value: Any, what: str) -> tuple[str, ...]:
     if not names:
         raise ConfigError(f"{what}: name at least one header")
     return names
+
+
+def _metric_name(value: object, what: str) -> str:
+    name = str(value)
+    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name):
+        raise ConfigError(f"{what}: {name!r} is not a valid Prometheus name prefix")
+    return name
 
 
 def _boolean(value: object, what: str) -> bool:
@@ -179,6 +190,10 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "usage_headers": _names,
     "max_body_bytes": _positive_int,
     "audit_blocking": _boolean,
+    "metrics_addr": lambda v, w: str(v),
+    "metrics_namespace": _metric_name,
+    "metrics_tenant_label": _boolean,
+    "metrics_tenant_cap": _positive_int,
 }
 # The pepper is a secret: accepted from the environment only, never from a settings file.
 _ENV_ONLY = {"pepper"}

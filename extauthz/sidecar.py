@@ -12,6 +12,9 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import HealthServicer
+
 from extauthz.app import Runtime
 from extauthz.audit import SECURITY_ALERT
 from extauthz.envoyconf import parse_hostport
@@ -20,8 +23,10 @@ from extauthz.limits.quota import quota_window
 from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
 from extauthz.transport.als import AccessLogReceiver
+from extauthz.transport.grpc_authz import SERVICE as GRPC_SERVICE
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
 from extauthz.transport.http_authz import HttpAuthzThread
+from extauthz.transport.ops import OpsServer
 from extauthz.usage import completed, incomplete
 from extauthz.webhooks import WebhookDispatcher
 
@@ -107,7 +112,37 @@ class Sidecar:
         self.grpc: GrpcServer | None = None
         self.als_server: GrpcServer | None = None
         self.http: HttpAuthzThread | None = None
+        self.ops: OpsServer | None = None
+        self.health: HealthServicer | None = None
+        self.started = False
         self.ports: dict[str, int] = {}
+        metrics = runtime.metrics
+        metrics.add_sources(
+            key_cache=lambda: dict(runtime.resolver.stats),
+            limit_denials=lambda: dict(self.authorizer.gate.stats) if self.authorizer.gate else {},
+            queues=lambda: {"audit": runtime.audit.writer, "usage": runtime.usage.writer},
+            reloads=lambda: {
+                "success": self.watcher.reloads if self.watcher else 0,
+                "failure": self.watcher.failures if self.watcher else 0,
+            },
+            policy=lambda: (
+                runtime.policy.version,
+                str(runtime.settings.policy_file or "builtin"),
+            ),
+            in_flight=runtime.counters.leases_held,
+        )
+
+    def _ready(self) -> dict[str, tuple[bool, str]]:
+        try:
+            self.runtime.store.revision()
+            store = (True, self.runtime.store.url.split("://", 1)[0])
+        except ExtauthzError as exc:
+            store = (False, str(exc))
+        return {
+            "store": store,
+            "policy": (True, self.runtime.policy.version),
+            "transports": (self.started, ", ".join(sorted(self.ports)) or "none"),
+        }
 
     def _finished(self, done: Completion) -> None:
         """An access-log entry: free the slot, settle the tokens, bill the request."""
@@ -134,6 +169,7 @@ class Sidecar:
         grpc_addr: str | None = None,
         http_addr: str | None = None,
         als_addr: str | None = None,
+        metrics_addr: str | None = None,
     ) -> dict[str, int]:
         """Bind and start; returns the bound ports, e.g. ``{"grpc_port": 9001, ...}``."""
         settings = self.runtime.settings
@@ -141,17 +177,23 @@ class Sidecar:
             if self.mode in ("grpc", "both"):
                 addr = grpc_addr or settings.grpc_addr
                 self.grpc = GrpcServer(
-                    [GrpcAuthz(self.authorizer).handler()], workers=settings.grpc_workers
+                    [GrpcAuthz(self.authorizer, self.runtime.metrics).handler()],
+                    workers=settings.grpc_workers,
                 )
+                self.health = self.grpc.add_health()
                 self.ports["grpc_port"] = self.grpc.bind(addr)
             if self.mode in ("http", "both"):
                 host, port = parse_hostport(http_addr or settings.http_addr, "http address")
-                self.http = HttpAuthzThread(self.authorizer)
+                self.http = HttpAuthzThread(self.authorizer, self.runtime.metrics)
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from
             # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.
             self.als_server = GrpcServer([self.als.handler()], workers=64)
             self.ports["als_port"] = self.als_server.bind(als_addr or settings.als_addr)
+            if settings.metrics_addr.lower() not in ("", "off"):
+                host, port = parse_hostport(metrics_addr or settings.metrics_addr, "metrics")
+                self.ops = OpsServer(self.runtime.metrics.registry, self._ready)
+                self.ports["metrics_port"] = self.ops.start(host, port)
         except OSError as exc:
             self._stop_transports(0)
             raise ConfigError(
@@ -166,6 +208,10 @@ class Sidecar:
         for server in (self.grpc, self.als_server):
             if server is not None:
                 server.start()
+        if self.health is not None:
+            for service in ("", GRPC_SERVICE):
+                self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.started = True
         for name, port in self.ports.items():
             log.info("%s listening on port %d", name.split("_")[0], port)
         return self.ports
@@ -200,6 +246,9 @@ class Sidecar:
         self.watcher.requested.set()
 
     def _stop_transports(self, grace: float) -> None:
+        self.started = False
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
         if self.grpc is not None:
             self.grpc.stop(grace)
         if self.http is not None:
@@ -228,6 +277,8 @@ class Sidecar:
             except ExtauthzError as exc:
                 log.error("could not write %s on stop: %s", name, exc)
         self.webhooks.close()
+        if self.ops is not None:
+            self.ops.stop()
         log.info("stopped")
 
 

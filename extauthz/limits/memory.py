@@ -204,6 +204,9 @@ class MemoryCounters(Counters):
             self._held.clear()
         return ended
 
+    def leases_held(self) -> int:
+        return len(self._leases)
+
     def drain_expired(self) -> list[Settlement]:
         with self._lock:
             expired, self._expired = self._expired, []

@@ -26,6 +26,10 @@ class Store(abc.ABC):
         """A counter bumped by every change to tenants or keys, polled to drop caches."""
 
     @abc.abstractmethod
+    def changed_at(self) -> float | None:
+        """Unix time of the last revision bump (None if never)."""
+
+    @abc.abstractmethod
     def setdefault_meta(self, name: str, value: bytes) -> bytes:
         """Store ``value`` under ``name`` unless one is there; return what is stored."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 from extauthz.errors import ConflictError, UnknownKeyError, UnknownTenantError
@@ -20,6 +21,7 @@ class MemoryStore(MemoryRecords, Store):
         self._keys: dict[str, APIKey] = {}
         self._by_hash: dict[bytes, str] = {}
         self._revision = 0
+        self._changed_at: float | None = None
         self._meta: dict[str, bytes] = {}
         self._init_records()
 
@@ -28,6 +30,9 @@ class MemoryStore(MemoryRecords, Store):
 
     def revision(self) -> int:
         return self._revision
+
+    def changed_at(self) -> float | None:
+        return self._changed_at
 
     def setdefault_meta(self, name: str, value: bytes) -> bytes:
         with self._lock:
@@ -44,6 +49,7 @@ class MemoryStore(MemoryRecords, Store):
                 raise ConflictError(f"a tenant named {tenant.name!r} already exists")
             self._tenants[tenant.id] = dataclasses.replace(tenant)
             self._revision += 1
+            self._changed_at = time.time()
             self._append_audit_locked(audit)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
@@ -80,6 +86,7 @@ class MemoryStore(MemoryRecords, Store):
             tenant.tier = tier or tenant.tier
             tenant.updated_at = now
             self._revision += 1
+            self._changed_at = time.time()
             self._append_audit_locked(audit)
             return dataclasses.replace(tenant)
 
@@ -91,6 +98,7 @@ class MemoryStore(MemoryRecords, Store):
                 del self._keys[key.key_id]
                 del self._by_hash[key.key_hash]
             self._revision += 1
+            self._changed_at = time.time()
             self._append_audit_locked(audit)
 
     def _insert(self, key: APIKey) -> None:
@@ -105,6 +113,7 @@ class MemoryStore(MemoryRecords, Store):
         with self._lock:
             self._insert(key)
             self._revision += 1
+            self._changed_at = time.time()
             self._append_audit_locked(audit)
 
     def get_key(self, key_id: str) -> APIKey | None:
@@ -135,6 +144,7 @@ class MemoryStore(MemoryRecords, Store):
                 raise ConflictError(f"API key {key_id} is already revoked")
             key.revoked_at = now
             self._revision += 1
+            self._changed_at = time.time()
             self._append_audit_locked(audit)
             return dataclasses.replace(key)
 
@@ -158,6 +168,7 @@ class MemoryStore(MemoryRecords, Store):
                 old.expires_at = old_expires_at
             old.rotated_to = new_key.key_id
             self._revision += 1
+            self._changed_at = time.time()
             self._append_audit_locked(audit)
             return dataclasses.replace(old)
 

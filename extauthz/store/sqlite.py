@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,6 +214,17 @@ class SQLiteStore(SQLiteRecords, Store):
     @staticmethod
     def _bump(cur: sqlite3.Cursor) -> None:
         cur.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+        # When, so servers can measure how long a change took to reach their caches.
+        cur.execute(
+            "INSERT INTO meta (name, value) VALUES ('revision_at', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (int(time.time() * 1_000_000),),
+        )
+
+    def changed_at(self) -> float | None:
+        with self._tx() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE name = 'revision_at'").fetchone()
+        return None if row is None else int(row[0]) / 1_000_000
 
     def schema_version(self) -> int:
         with self._tx() as cur:

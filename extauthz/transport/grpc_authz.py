@@ -9,6 +9,7 @@ through).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -19,9 +20,12 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
+from extauthz.telemetry.metrics import Metrics
 from extauthz.transport import EncodedAnswers, last_value
 
 log = logging.getLogger("extauthz.grpc")
@@ -138,13 +142,25 @@ def to_input(request: Any) -> CheckInput | None:
 class GrpcAuthz:
     """The Check handler, on raw bytes."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, metrics: Metrics | None = None) -> None:
         self.authorizer = authorizer
+        self.metrics = metrics
         self._encoded = EncodedAnswers(encode)
         self._invalid = self._encoded(authorizer.denials["invalid_request"])
         self._internal = self._encoded(authorizer.denials["internal_error"])
 
     def check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        if self.metrics is None:
+            return self._check(data, context)
+        active, started = self.metrics.active, time.perf_counter()
+        active.inc()
+        try:
+            return self._check(data, context)
+        finally:
+            active.dec()
+            self.metrics.check_duration.labels("grpc").observe(time.perf_counter() - started)
+
+    def _check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
             request = authz_pb2.CheckRequest.FromString(data)
         except DecodeError:
@@ -200,6 +216,14 @@ class GrpcServer:
         if port == 0:
             raise OSError(f"cannot listen on {address}: address in use or invalid")
         return port
+
+    def add_health(self) -> HealthServicer:
+        """grpc.health.v1 on this server: SERVING for "" and for the Check service once
+        started, NOT_SERVING from the moment a stop begins (Envoy's health checks then
+        take this endpoint out before it closes)."""
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, self._server)
+        return health
 
     def start(self) -> None:
         self._server.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -17,6 +18,7 @@ import httptools
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
+from extauthz.telemetry.metrics import Metrics
 from extauthz.transport import EncodedAnswers, last_value
 
 log = logging.getLogger("extauthz.http")
@@ -108,6 +110,19 @@ class _Protocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        metrics = self.server.metrics
+        if metrics is None:
+            self._answer()
+            return
+        started = time.perf_counter()
+        metrics.active.inc()
+        try:
+            self._answer()
+        finally:
+            metrics.active.dec()
+            metrics.check_duration.labels("http").observe(time.perf_counter() - started)
+
+    def _answer(self) -> None:
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         try:
             decision = self.server.check(self._input())
@@ -160,7 +175,8 @@ class _Protocol(asyncio.Protocol):
 class HttpAuthzServer:
     """The HTTP-service endpoint on an asyncio loop (uvloop when installed)."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
         self.check: Callable[[CheckInput], Decision] = authorizer.check
         denials = authorizer.denials
         self.bad_request = render(denials["invalid_request"], keep_alive=False)
@@ -221,10 +237,10 @@ class HttpAuthzThread:
     """Runs an HttpAuthzServer on its own event loop in a background thread, so the main
     thread stays free for signals and the gRPC server."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, metrics: Metrics | None = None) -> None:
         import threading
 
-        self.server = HttpAuthzServer(authorizer)
+        self.server = HttpAuthzServer(authorizer, metrics)
         self.loop = new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="extauthz-http", daemon=True

@@ -45,6 +45,8 @@ def start_sidecar(
                 "127.0.0.1:0",
                 "--als-addr",
                 "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
                 "--json",
             ),
             env=env,

@@ -31,7 +31,18 @@ def test_two_workers_share_traffic_and_both_see_a_revocation(tmp_path: Path) -> 
     tenant = runtime.tenants.create_tenant("w", "starter")
     key_id, key = runtime.keys.create_key(tenant.id)
     workers = subprocess.Popen(
-        extauthz_cmd("serve", "--workers", "2", "--grpc-addr", "127.0.0.1:0", "--json"),
+        extauthz_cmd(
+            "serve",
+            "--workers",
+            "2",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--als-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--json",
+        ),
         env=env,
         stdout=subprocess.PIPE,
         text=True,
