@@ -35,6 +35,14 @@ def start_sidecar(
 ) -> tuple[subprocess.Popen[str], int, int]:
     """`extauthz serve --mode MODE` on free ports; returns the process, its check port and
     its access-log port."""
+    proc, ports = start_sidecar_ports(env, log, mode)
+    return proc, ports[f"{mode}_port"], ports["als_port"]
+
+
+def start_sidecar_ports(
+    env: dict[str, str], log: Path, mode: str = "grpc"
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    """`extauthz serve --mode MODE` on free ports; the process and all its ports."""
     with log.open("w") as err:
         proc = subprocess.Popen(
             extauthz_cmd(
@@ -59,8 +67,7 @@ def start_sidecar(
     if not line:
         stop(proc)
         pytest.fail(f"extauthz serve did not start: {log.read_text()}")
-    ports = json.loads(line)
-    return proc, int(ports[f"{mode}_port"]), int(ports["als_port"])
+    return proc, {name: int(port) for name, port in json.loads(line).items()}
 
 
 def stop(proc: subprocess.Popen[str]) -> int:
@@ -88,6 +95,7 @@ class Stack:
     log: Path
     made: list[str] = field(default_factory=list)
     keys_made: list[str] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)  # the sidecar's, by name
 
     def new_key(self, tier: TenantTier = TenantTier.STARTER) -> tuple[str, str, str]:
         """A fresh tenant and key: (tenant_id, key_id, key). Made in this test process, which
@@ -149,7 +157,8 @@ def running_stack(
     env = sidecar_env(data, policy_text, **extra)
     runtime = Runtime.open(load_settings(environ=env))
     backend = (backend or EchoBackend()).start()
-    sidecar, authz_port, als_port = start_sidecar(env, data / "sidecar.log", mode)
+    sidecar, ports = start_sidecar_ports(env, data / "sidecar.log", mode)
+    authz_port, als_port = ports[f"{mode}_port"], ports["als_port"]
     config = render(
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", backend.port),
@@ -174,6 +183,7 @@ def running_stack(
             sidecar,
             envoy,
             data / "sidecar.log",
+            ports=ports,
         )
     finally:
         envoy.stop()
