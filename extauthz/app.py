@@ -25,6 +25,7 @@ from extauthz.policy import Policy, load_policy
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
 from extauthz.telemetry.metrics import Metrics
+from extauthz.telemetry.tracing import CheckTracer, make_provider
 from extauthz.tenants import TenantManager
 from extauthz.usage import UsageTracker
 
@@ -107,6 +108,7 @@ class Runtime:
     policy: Policy
     guard: BruteForceGuard
     metrics: Metrics
+    tracer: CheckTracer | None = None
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> Runtime:
@@ -160,6 +162,8 @@ class Runtime:
                 tenant_cap=settings.metrics_tenant_cap,
             ),
         )
+        provider = make_provider(settings.trace_exporter, settings.trace_sample_ratio)
+        runtime.tracer = CheckTracer(provider) if provider is not None else None
         resolver.on_change = runtime.metrics.revocation.observe
         resolver.on_lookup = runtime.metrics.store_latency.observe
         runtime.usage.policy = lambda: runtime.policy  # follows reloads
@@ -177,6 +181,7 @@ class Runtime:
             audit=self.audit,
             guard=self.guard,
             metrics=self.metrics,
+            tracer=self.tracer,
         )
 
     def quota(self, tenant_id: str) -> TenantQuota:

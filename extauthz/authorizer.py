@@ -33,6 +33,7 @@ from extauthz.model import CheckInput, Decision, Principal
 from extauthz.policy import Policy
 from extauthz.reasons import REASONS, Reason, deny_decision
 from extauthz.telemetry.metrics import Metrics
+from extauthz.telemetry.tracing import CheckTracer
 
 log = logging.getLogger("extauthz.authorizer")
 __all__ = ["REASONS", "Authorizer", "Reason", "deny_decision"]
@@ -52,6 +53,7 @@ class Authorizer:
         audit: AuditLogger | None = None,
         guard: BruteForceGuard | None = None,
         metrics: Metrics | None = None,
+        tracer: CheckTracer | None = None,
     ) -> None:
         self.resolver = resolver
         self.key_headers = key_headers
@@ -61,6 +63,7 @@ class Authorizer:
         self.audit = audit
         self.guard = guard
         self.metrics = metrics
+        self.tracer = tracer
         # A public path needs no key, but the upstream must still never see forged
         # identity headers or a key someone sent anyway. `authorization` is removed only
         # when it holds a Bearer token: other schemes there belong to the upstream.
@@ -75,6 +78,15 @@ class Authorizer:
         self._allowed_generation = -1
 
     def check(self, request: CheckInput) -> Decision:
+        tracer = self.tracer
+        if tracer is None:
+            return self._measured(request)
+        with tracer.span(request) as span:
+            decision = self._measured(request)
+            tracer.finish(span, decision)
+            return decision
+
+    def _measured(self, request: CheckInput) -> Decision:
         metrics = self.metrics
         if metrics is None:
             return self._check(request)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from extauthz.app import Runtime, init
 from extauthz.errors import ConflictError, ExtauthzError, NotFoundError
 from extauthz.model import APIKey, Tenant, TenantTier
 from extauthz.settings import Settings, load_settings, parse_duration
+from extauthz.telemetry.logs import configure as configure_logs
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -375,11 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.database_url:
             overrides["database_url"] = args.database_url
         settings = settings.with_overrides(**overrides)
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logs(settings.log_level, settings.log_format)
         handler: Handler = args.fn
         return handler(args, settings)
     except KeyboardInterrupt:

@@ -96,8 +96,20 @@ def _cluster(
 # less work per check; tenant identity headers are never forwarded (they come from us).
 # x-envoy-external-address is the client address Envoy trusts (with use_remote_address);
 # the last x-forwarded-for hop is not: for loopback clients Envoy appends its own address.
-# traceparent (W3C) lets audit events carry the request's trace id.
-FORWARDED = ("x-request-id", "x-envoy-external-address", "x-forwarded-for", "traceparent")
+# traceparent (W3C) and B3 let our span join the request's trace, and audit events
+# carry its trace id.
+FORWARDED = (
+    "x-request-id",
+    "x-envoy-external-address",
+    "x-forwarded-for",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+)
 UPSTREAM_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
 RATELIMIT_HEADERS = ("ratelimit-policy", "ratelimit")
 CLIENT_HEADERS = (

@@ -75,6 +75,9 @@ class Settings:
     metrics_namespace: str = "extauthz"
     metrics_tenant_label: bool = True  # a `tenant` label on request counts
     metrics_tenant_cap: int = 1000  # tenants with their own label value; the rest "other"
+    trace_exporter: str = "none"  # none, console (stderr) or otlp (the otlp extra)
+    trace_sample_ratio: float = 1.0  # share of root traces sampled; parents decide for children
+    log_format: str = "text"  # text or json (one JSON object per line)
 
     @property
     def db_url(self) -> str:
@@ -126,6 +129,23 @@ def _header_names(value: Any, what: str) -> tuple[str, ...]:
     if not names:
         raise ConfigError(f"{what}: name at least one header")
     return names
+
+
+def _choice(value: object, what: str, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ConfigError(f"{what}: use {', '.join(choices)}, not {value!r}")
+    return text
+
+
+def _ratio(value: object, what: str) -> float:
+    try:
+        ratio = float(str(value))
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not a number from 0 to 1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"{what}: must be from 0 to 1, not {ratio}")
+    return ratio
 
 
 def _metric_name(value: object, what: str) -> str:
@@ -194,6 +214,9 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "metrics_namespace": _metric_name,
     "metrics_tenant_label": _boolean,
     "metrics_tenant_cap": _positive_int,
+    "trace_exporter": lambda v, w: _choice(v, w, ("none", "console", "otlp")),
+    "trace_sample_ratio": _ratio,
+    "log_format": lambda v, w: _choice(v, w, ("text", "json")),
 }
 # The pepper is a secret: accepted from the environment only, never from a settings file.
 _ENV_ONLY = {"pepper"}

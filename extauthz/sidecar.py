@@ -277,6 +277,8 @@ class Sidecar:
             except ExtauthzError as exc:
                 log.error("could not write %s on stop: %s", name, exc)
         self.webhooks.close()
+        if self.runtime.tracer is not None:
+            self.runtime.tracer.shutdown()  # exports the spans still buffered
         if self.ops is not None:
             self.ops.stop()
         log.info("stopped")

@@ -42,7 +42,7 @@ METRICS = [
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int, int]]:
     data = tmp_path_factory.mktemp("observed")
-    with running_stack(data, "grpc", POLICY) as stack:
+    with running_stack(data, "grpc", POLICY, EXTAUTHZ_TRACE_EXPORTER="console") as stack:
         yield stack, stack.ports["metrics_port"], stack.ports["grpc_port"]
 
 
@@ -130,3 +130,31 @@ def test_health_endpoints_and_grpc_health(observed: tuple[Stack, int, int]) -> N
         for service in ("", "envoy.service.auth.v3.Authorization"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_our_span_joins_the_trace_envoy_forwards(observed: tuple[Stack, int, int]) -> None:
+    """A request carrying a W3C traceparent through the real Envoy: the sidecar's
+    extauthz.check span (console exporter, JSON on stderr) has that trace id and the
+    caller's span as its parent, and tenant/key ids but never the key."""
+    stack, _, _ = observed
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    _, key_id, key = stack.new_key()
+    reply = get(
+        stack.port, "/hello", [("x-api-key", key), ("traceparent", f"00-{trace_id}-{parent}-01")]
+    )
+    assert reply.status == 200
+
+    def span() -> dict[str, object] | None:
+        for line in stack.log.read_text().splitlines():
+            if line.startswith("{") and trace_id in line and '"extauthz.check"' in line:
+                found: dict[str, object] = json.loads(line)
+                return found
+        return None
+
+    wait_until(lambda: span() is not None, 5)
+    found = span()
+    assert found is not None
+    assert found["context"]["trace_id"] == f"0x{trace_id}"  # type: ignore[index]
+    assert found["parent_id"] == f"0x{parent}"
+    assert found["attributes"]["extauthz.key_id"] == key_id  # type: ignore[index]
+    assert key not in stack.log.read_text()

@@ -90,3 +90,31 @@ def test_example_settings_file_is_valid() -> None:
     """config/extauthz.yaml, the documented example, loads without error."""
     root = Path(__file__).resolve().parents[2]
     load_settings(root / "config" / "extauthz.yaml", environ={})
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """EXTAUTHZ_LOG_FORMAT=json: each record is a JSON object with ts, level, logger and
+    message (and the traceback, when there is one)."""
+    import json
+    import logging
+
+    from extauthz.telemetry.logs import configure
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure("info", "json")
+    try:
+        logging.getLogger("extauthz.test").warning("policy reloaded: %s", "abc")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("extauthz.test").exception("failed")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert [(e["level"], e["logger"], e["message"]) for e in lines] == [
+        ("warning", "extauthz.test", "policy reloaded: abc"),
+        ("error", "extauthz.test", "failed"),
+    ]
+    assert "ValueError: boom" in lines[1]["exception"]
