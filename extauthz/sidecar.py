@@ -130,6 +130,9 @@ class Sidecar:
                 str(runtime.settings.policy_file or "builtin"),
             ),
             in_flight=runtime.counters.leases_held,
+            quota_used=lambda: (
+                dict(self.authorizer.gate.quota_used) if self.authorizer.gate else {}
+            ),
         )
 
     def _ready(self) -> dict[str, tuple[bool, str]]:

@@ -50,6 +50,8 @@ class LimitGate:
         self.throttle = Throttle(clock)
         # ("deny" | "shadow", reason) -> count; the metrics issue exports these.
         self.stats: Counter[tuple[str, str]] = Counter()
+        # tenant -> share of today's request quota used, as of its last allowed request.
+        self.quota_used: dict[str, float] = {}
         self._stats_lock = threading.Lock()
 
     def apply(
@@ -90,6 +92,10 @@ class LimitGate:
             )
         )
         if verdict.allowed:
+            if limits.requests_per_day and len(self.quota_used) < 100_000:
+                self.quota_used[principal.tenant_id] = (
+                    verdict.requests_today / limits.requests_per_day
+                )
             headers = allow_headers(limits, verdict.rate_left, verdict.requests_today, day_ends_in)
             return allowed.with_client_headers(headers)
         by = verdict.denied_by or RATE

@@ -64,6 +64,7 @@ class Metrics:
         tenant_cap: int = 1000,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.namespace = namespace
         ns, reg = namespace, self.registry
         self.tenant = TenantLabels(tenant_label, tenant_cap)
         self.requests = Counter(
@@ -143,10 +144,9 @@ class Metrics:
 class SourcesCollector(Collector):
     """Exports counters and gauges that other components keep themselves."""
 
-    def __init__(
-        self, registry: CollectorRegistry, metrics: Metrics, namespace: str = "extauthz"
-    ) -> None:
-        self.ns = namespace
+    def __init__(self, registry: CollectorRegistry, metrics: Metrics) -> None:
+        self.ns = metrics.namespace
+        self.metrics = metrics
         self.sources: dict[str, Callable[[], Any]] = {}
         registry.register(self)
 
@@ -154,57 +154,76 @@ class SourcesCollector(Collector):
         return []  # dynamic: families are produced at collect time
 
     def collect(self) -> Iterator[Any]:
-        ns, src = self.ns, self.sources
-        if "key_cache" in src:
-            family = CounterMetricFamily(
-                f"{ns}_key_cache_lookups", "Key lookups by cache result", labels=["result"]
-            )
-            for result, count in sorted(src["key_cache"]().items()):
-                family.add_metric([result], count)
-            yield family
-        if "limit_denials" in src:
-            family = CounterMetricFamily(
-                f"{ns}_limit_denials",
-                "Requests a limit refused (or would have, in shadow mode)",
-                labels=["limit", "mode"],
-            )
-            for (mode, reason), count in sorted(src["limit_denials"]().items()):
-                family.add_metric([reason, "shadow" if mode == "shadow" else "enforced"], count)
-            yield family
-        if "queues" in src:
-            depth = GaugeMetricFamily(
-                f"{ns}_queue_depth", "Records waiting to be written", labels=["queue"]
-            )
-            dropped = CounterMetricFamily(
-                f"{ns}_queue_dropped", "Records refused by a full queue", labels=["queue"]
-            )
-            written = CounterMetricFamily(
-                f"{ns}_queue_written", "Records written to the store", labels=["queue"]
-            )
-            failures = CounterMetricFamily(
-                f"{ns}_queue_write_failures", "Batch writes that failed", labels=["queue"]
-            )
-            for name, writer in sorted(src["queues"]().items()):
-                depth.add_metric([name], writer.pending)
-                dropped.add_metric([name], writer.dropped)
-                written.add_metric([name], writer.written)
-                failures.add_metric([name], writer.failures)
-            yield from (depth, dropped, written, failures)
-        if "reloads" in src:
-            family = CounterMetricFamily(
-                f"{ns}_policy_reloads", "Policy reloads by outcome", labels=["outcome"]
-            )
-            for outcome, count in sorted(src["reloads"]().items()):
-                family.add_metric([outcome], count)
-            yield family
-        if "policy" in src:
-            info = InfoMetricFamily(f"{ns}_policy", "The policy in force", labels=["source"])
-            version, source = src["policy"]()
-            info.add_metric([source], {"version": version})
-            yield info
-        if "in_flight" in src:
-            yield GaugeMetricFamily(
-                f"{ns}_concurrency_slots_held",
-                "Concurrency slots held (leases)",
-                value=src["in_flight"](),
-            )
+        for name, read in list(self.sources.items()):
+            yield from getattr(self, f"_{name}")(read())
+
+    def _key_cache(self, stats: dict[str, int]) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            f"{self.ns}_key_cache_lookups", "Key lookups by cache result", labels=["result"]
+        )
+        for result, count in sorted(stats.items()):
+            family.add_metric([result], count)
+        yield family
+
+    def _limit_denials(self, stats: dict[tuple[str, str], int]) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            f"{self.ns}_limit_denials",
+            "Requests a limit refused (or would have, in shadow mode)",
+            labels=["limit", "mode"],
+        )
+        for (mode, reason), count in sorted(stats.items()):
+            family.add_metric([reason, "shadow" if mode == "shadow" else "enforced"], count)
+        yield family
+
+    def _queues(self, writers: dict[str, Any]) -> Iterator[Any]:
+        ns = self.ns
+        depth = GaugeMetricFamily(f"{ns}_queue_depth", "Records waiting", labels=["queue"])
+        dropped = CounterMetricFamily(
+            f"{ns}_queue_dropped", "Records refused by a full queue", labels=["queue"]
+        )
+        written = CounterMetricFamily(
+            f"{ns}_queue_written", "Records written to the store", labels=["queue"]
+        )
+        failures = CounterMetricFamily(
+            f"{ns}_queue_write_failures", "Batch writes that failed", labels=["queue"]
+        )
+        for name, writer in sorted(writers.items()):
+            depth.add_metric([name], writer.pending)
+            dropped.add_metric([name], writer.dropped)
+            written.add_metric([name], writer.written)
+            failures.add_metric([name], writer.failures)
+        yield from (depth, dropped, written, failures)
+
+    def _reloads(self, counts: dict[str, int]) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            f"{self.ns}_policy_reloads", "Policy reloads by outcome", labels=["outcome"]
+        )
+        for outcome, count in sorted(counts.items()):
+            family.add_metric([outcome], count)
+        yield family
+
+    def _policy(self, current: tuple[str, str]) -> Iterator[Any]:
+        info = InfoMetricFamily(f"{self.ns}_policy", "The policy in force", labels=["source"])
+        version, source = current
+        info.add_metric([source], {"version": version})
+        yield info
+
+    def _quota_used(self, ratios: dict[str, float]) -> Iterator[Any]:
+        family = GaugeMetricFamily(
+            f"{self.ns}_quota_used_ratio",
+            "Share of today's request quota used, per tenant (capped like tenant labels; "
+            "'other' is the highest of the rest)",
+            labels=["tenant"],
+        )
+        by_label: dict[str, float] = {}
+        for tenant_id, ratio in ratios.items():
+            label = self.metrics.tenant(tenant_id) or "all"
+            by_label[label] = max(ratio, by_label.get(label, 0.0))
+        for label, ratio in sorted(by_label.items()):
+            family.add_metric([label], ratio)
+        yield family
+
+    def _in_flight(self, held: int) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            f"{self.ns}_concurrency_slots_held", "Concurrency slots held (leases)", value=held
+        )

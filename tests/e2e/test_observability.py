@@ -36,6 +36,9 @@ METRICS = [
     "extauthz_policy_reloads_total",
     "extauthz_revocation_propagation_seconds_bucket",
     "extauthz_build_info",
+    "extauthz_quota_used_ratio",
+    "extauthz_concurrency_slots_held",
+    "extauthz_queue_written_total",
 ]
 
 
