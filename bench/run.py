@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated, from {','.join(SETUPS)} (A always runs: it is the baseline)",
     )
     parser.add_argument("--output", help="JSON results file (default bench/results/<time>.json)")
+    parser.add_argument(
+        "--sidecar-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the sidecar, e.g. EXTAUTHZ_TRACE_EXPORTER=console; repeatable",
+    )
     args = parser.parse_args(argv)
     require_tools()
     if args.quick:
@@ -170,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp:
         workdir = Path(tmp)
         env = bench_env(workdir / "data")
+        for item in args.sidecar_env:
+            name, _, value = item.partition("=")
+            env[name] = value
         runtime = Runtime.open(load_settings(environ=env))
         tenant = runtime.tenants.create_tenant("bench", "enterprise", BENCH_TENANT)
         _, key = runtime.keys.create_key(tenant.id, "bench")
@@ -195,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "setups": chosen,
         "a_spread": [min(r["A"]["rps"] for r in rounds), max(r["A"]["rps"] for r in rounds)],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sidecar_env": args.sidecar_env,
     }
     print_table(summary, meta)
     for mode, d in alone.items():

@@ -180,9 +180,14 @@ class Runtime:
             gate=LimitGate(self.counters, self.clock, self.audit),
             audit=self.audit,
             guard=self.guard,
-            metrics=self.metrics,
+            metrics=self.metrics if self.metrics_on else None,
             tracer=self.tracer,
         )
+
+    @property
+    def metrics_on(self) -> bool:
+        """EXTAUTHZ_METRICS_ADDR=off also stops recording them on the hot path."""
+        return self.settings.metrics_addr.lower() not in ("", "off")
 
     def quota(self, tenant_id: str) -> TenantQuota:
         """The seed's quota API for one tenant (is_within_quota, record_usage, ...)."""

@@ -68,3 +68,20 @@ class EchoBackend:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def main() -> None:
+    """``python -m extauthz.demo [--port 8000]``: the echo backend alone (docker-compose)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="extauthz demo backend: echoes requests")
+    parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a container's service
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    backend = EchoBackend(args.host, args.port)
+    print(f"demo backend on {args.host}:{backend.port}", flush=True)
+    backend.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -180,20 +180,20 @@ class Sidecar:
             if self.mode in ("grpc", "both"):
                 addr = grpc_addr or settings.grpc_addr
                 self.grpc = GrpcServer(
-                    [GrpcAuthz(self.authorizer, self.runtime.metrics).handler()],
+                    [GrpcAuthz(self.authorizer, self.authorizer.metrics).handler()],
                     workers=settings.grpc_workers,
                 )
                 self.health = self.grpc.add_health()
                 self.ports["grpc_port"] = self.grpc.bind(addr)
             if self.mode in ("http", "both"):
                 host, port = parse_hostport(http_addr or settings.http_addr, "http address")
-                self.http = HttpAuthzThread(self.authorizer, self.runtime.metrics)
+                self.http = HttpAuthzThread(self.authorizer, self.authorizer.metrics)
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from
             # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.
             self.als_server = GrpcServer([self.als.handler()], workers=64)
             self.ports["als_port"] = self.als_server.bind(als_addr or settings.als_addr)
-            if settings.metrics_addr.lower() not in ("", "off"):
+            if self.runtime.metrics_on:
                 host, port = parse_hostport(metrics_addr or settings.metrics_addr, "metrics")
                 self.ops = OpsServer(self.runtime.metrics.registry, self._ready)
                 self.ports["metrics_port"] = self.ops.start(host, port)

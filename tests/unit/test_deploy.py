@@ -1,0 +1,101 @@
+"""What can be tested of the deployment files on a machine without Docker: the compose
+file parses and mounts only files that exist, its Envoy config is the renderer's output
+and passes `envoy --mode validate`, and promtool accepts the Prometheus config, the
+alert rules, and the dashboard's queries' metric names exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extauthz.envoyconf import render, to_yaml
+from extauthz.launcher import find_envoy
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install promtool (the prometheus package; see .ci/run)")
+        pytest.skip("promtool not installed: sudo apt-get install prometheus")
+    return found
+
+
+def test_compose_parses_and_every_mounted_file_exists() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"extauthz", "envoy", "backend", "redis", "postgres", "prometheus", "grafana"} <= set(
+        services
+    )
+    mounts = [v.split(":")[0] for s in services.values() for v in s.get("volumes", [])]
+    files = [m for m in mounts if m.startswith("./")]
+    assert files
+    for path in files:
+        assert (ROOT / path).exists(), path
+    assert (ROOT / "Dockerfile").exists()
+
+
+def test_compose_envoy_config_is_the_renderer_output_and_validates() -> None:
+    expected = render(
+        listen=("0.0.0.0", 8080),  # noqa: S104 - inside the compose network
+        upstream=("backend", 8000),
+        authz=[("extauthz", 9001)],
+        admin=("0.0.0.0", 9901),  # noqa: S104 - scraped by Prometheus in the network
+        mode="grpc",
+        als=[("extauthz", 9003)],
+    )
+    path = DEPLOY / "envoy" / "envoy.yaml"
+    assert path.read_text() == to_yaml(expected)
+    result = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_promtool_accepts_the_rules_and_the_config(tmp_path: Path) -> None:
+    tool = promtool()
+    rules = DEPLOY / "prometheus" / "alerts.yml"
+    checked = subprocess.run(
+        [tool, "check", "rules", str(rules)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    local = tmp_path / "prometheus.yml"
+    local.write_text(config.replace("/etc/prometheus/alerts.yml", str(rules)))
+    checked = subprocess.run(
+        [tool, "check", "config", str(local)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_dashboard_and_alerts_only_use_metrics_we_export() -> None:
+    """Every extauthz_* name in the dashboard and the rules is one /metrics serves (or
+    its _bucket/_total form), so no panel or alert is silently empty."""
+    readme = (ROOT / "README.md").read_text()
+    exported = set(re.findall(r"^\| `([a-z_]+)`", readme, flags=re.MULTILINE))
+    exported |= {
+        n
+        for row in re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)+)", readme, re.M)
+        for n in re.findall(r"`([a-z_]+)`", row)
+    }
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "extauthz.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs.append((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    used = {m for e in exprs for m in re.findall(r"extauthz_([a-z_]+)", e)}
+    for name in used:
+        base = re.sub(r"_(bucket|count|sum)$", "", name)
+        assert base in exported or base.removesuffix("_total") in exported, name
