@@ -10,6 +10,8 @@ import hmac
 import logging
 from dataclasses import dataclass
 
+from opentelemetry import trace as otel_trace
+
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.audit import AuditLogger
 from extauthz.auditchain import AuditChain, audit_key
@@ -163,7 +165,10 @@ class Runtime:
             ),
         )
         provider = make_provider(settings.trace_exporter, settings.trace_sample_ratio)
-        runtime.tracer = CheckTracer(provider) if provider is not None else None
+        if provider is not None:
+            runtime.tracer = CheckTracer(provider, settings.trace_sample_ratio)
+            # Also the global provider, for the seed-style `trace_function` decorator.
+            otel_trace.set_tracer_provider(provider)
         resolver.on_change = runtime.metrics.revocation.observe
         resolver.on_lookup = runtime.metrics.store_latency.observe
         runtime.usage.policy = lambda: runtime.policy  # follows reloads

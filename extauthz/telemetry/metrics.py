@@ -123,15 +123,30 @@ class Metrics:
         self.build = Info("build", "extauthz build", namespace=ns, registry=reg)
         self.build.info({"version": _version(), "python": platform.python_version()})
         self._collector: SourcesCollector | None = None
+        # Bounded like the labels themselves (routes x statuses x capped tenants).
+        self._requests: dict[tuple[str, int, str], Any] = {}
+        self._decisions: dict[tuple[bool, str], Any] = {}
+        self.transport_duration = {t: self.check_duration.labels(t) for t in ("grpc", "http")}
 
     def observe(
         self, request: CheckInput, decision: Decision, endpoint: str, seconds: float
     ) -> None:
-        """One decided check (called by the authorizer)."""
+        """One decided check (called by the authorizer). Labelled children are cached:
+        `.labels()` costs more than the increment itself."""
         principal = decision.principal
         tenant = self.tenant(principal.tenant_id) if principal is not None else ""
-        self.requests.labels(endpoint, str(decision.status), tenant).inc()
-        self.decisions.labels("allow" if decision.allowed else "deny", decision.reason).inc()
+        key = (endpoint, decision.status, tenant)
+        requests = self._requests.get(key)
+        if requests is None:
+            requests = self.requests.labels(endpoint, str(decision.status), tenant)
+            self._requests[key] = requests
+        requests.inc()
+        outcome = (decision.allowed, decision.reason)
+        decided = self._decisions.get(outcome)
+        if decided is None:
+            result = "allow" if decision.allowed else "deny"
+            decided = self._decisions[outcome] = self.decisions.labels(result, decision.reason)
+        decided.inc()
         self.latency.observe(seconds)
 
     def add_sources(self, **sources: Callable[[], Any]) -> None:

@@ -11,10 +11,12 @@ Only ids and facts go on a span: tenant id, key id, decision, reason. Never the 
 
 from __future__ import annotations
 
+import functools
+import random
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -33,6 +35,8 @@ from extauthz.errors import ConfigError
 from extauthz.model import CheckInput, Decision
 
 EXPORTERS = ("none", "console", "otlp")
+P = ParamSpec("P")
+R = TypeVar("R")
 _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), B3MultiFormat()])
 
 
@@ -80,13 +84,29 @@ def make_provider(exporter: str, ratio: float) -> TracerProvider | None:
     return provider
 
 
+_TRACE_HEADERS = ("traceparent", "b3", "x-b3-traceid")
+
+
 class CheckTracer:
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, ratio: float = 1.0) -> None:
         self.provider = provider
+        self.ratio = ratio
         self.tracer = provider.get_tracer("extauthz")
 
     def parent(self, request: CheckInput) -> Context:
         return _PROPAGATOR.extract(request.headers, getter=_GETTER)
+
+    def wants(self, request: CheckInput) -> bool:
+        """False for a root span the sampler would drop anyway: then the check costs
+        nothing extra (no context extraction, no span). The same ratio decision
+        ParentBased(TraceIdRatioBased) makes, taken first; requests with a parent always
+        go to the sampler, which follows the parent's choice."""
+        if self.ratio >= 1.0:
+            return True
+        headers = request.headers
+        if any(h in headers for h in _TRACE_HEADERS):
+            return True
+        return random.random() < self.ratio  # noqa: S311 - sampling
 
     @contextmanager
     def span(self, request: CheckInput) -> Iterator[trace.Span]:
@@ -116,6 +136,28 @@ class CheckTracer:
         self.provider.shutdown()
 
 
-# `extract` is re-exported for callers that carry context another way (the seed's
-# `start_span` usage maps onto `CheckTracer.tracer.start_as_current_span`).
-__all__ = ["EXPORTERS", "CheckTracer", "extract", "make_provider"]
+def trace_function(
+    name: str | None = None, tracer: trace.Tracer | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """The seed's ``@trace("name")`` decorator on OpenTelemetry's own tracer: each call
+    is a span (a child of the current one); an exception is recorded and re-raised.
+    The seed's manual spans need nothing of ours: ``with
+    trace.get_tracer("app").start_as_current_span("op") as span: span.set_attribute(...)``.
+    """
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        span_name = name or fn.__qualname__
+
+        @functools.wraps(fn)
+        def traced(*args: P.args, **kwargs: P.kwargs) -> R:
+            active = tracer or trace.get_tracer("extauthz")
+            with active.start_as_current_span(span_name):
+                return fn(*args, **kwargs)
+
+        return traced
+
+    return wrap
+
+
+# `extract` is re-exported for callers that carry context another way.
+__all__ = ["EXPORTERS", "CheckTracer", "extract", "make_provider", "trace_function"]

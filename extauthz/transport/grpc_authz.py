@@ -158,7 +158,7 @@ class GrpcAuthz:
             return self._check(data, context)
         finally:
             active.dec()
-            self.metrics.check_duration.labels("grpc").observe(time.perf_counter() - started)
+            self.metrics.transport_duration["grpc"].observe(time.perf_counter() - started)
 
     def _check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:

@@ -120,7 +120,7 @@ class _Protocol(asyncio.Protocol):
             self._answer()
         finally:
             metrics.active.dec()
-            metrics.check_duration.labels("http").observe(time.perf_counter() - started)
+            metrics.transport_duration["http"].observe(time.perf_counter() - started)
 
     def _answer(self) -> None:
         keep_alive = self.parser.should_keep_alive() and not self.server.closing

@@ -86,3 +86,34 @@ def test_exporter_setting() -> None:
     except ImportError:
         with pytest.raises(ConfigError, match="otlp extra"):
             make_provider("otlp", 1.0)
+
+
+def test_the_seed_trace_decorator_and_manual_spans_are_otel_spans() -> None:
+    """`@trace_function("name")` wraps calls in spans of OTel's own tracer, nested under
+    the current span, and records an exception; manual spans are plain OTel."""
+    from extauthz.telemetry.tracing import trace_function
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    @trace_function("function_name", tracer=tracer)
+    def my_function() -> str:
+        return "result"
+
+    @trace_function(tracer=tracer)
+    def failing() -> None:
+        raise ValueError("boom")
+
+    with tracer.start_as_current_span("operation_name") as span:
+        span.set_attribute("user_id", "user123")
+        assert my_function() == "result"
+    with pytest.raises(ValueError, match="boom"):
+        failing()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans["function_name"].parent is not None
+    assert spans["function_name"].parent.span_id == spans["operation_name"].context.span_id
+    assert spans["operation_name"].attributes == {"user_id": "user123"}
+    failed = spans["test_the_seed_trace_decorator_and_manual_spans_are_otel_spans.<locals>.failing"]
+    assert failed.status.status_code.name == "ERROR"
