@@ -8,6 +8,7 @@ logged, counted and audited, and nothing is charged (all or nothing, as for a de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -117,6 +118,8 @@ class LimitGate:
         reason: str,
         by: str = "",
     ) -> Decision:
+        # The denial names who was refused (metrics, traces), like an allow does.
+        denial = dataclasses.replace(denial, principal=allowed.principal)
         outcome = "shadow" if limits.shadow else "denied"
         with self._stats_lock:
             self.stats[(outcome, reason)] += 1
