@@ -118,6 +118,8 @@ class Runtime:
         policy = Policy()
         if settings.policy_file is not None:
             policy = load_policy(settings.policy_file)
+        # Before the store opens: a bad exporter setting must not leave it open.
+        provider = make_provider(settings.trace_exporter, settings.trace_sample_ratio)
         # On first use this creates the pepper: the embedded default needs no setup step.
         store, pepper, _ = open_secured(settings)
         # The audit chain's key comes from the pepper: it never sits in the database.
@@ -164,7 +166,6 @@ class Runtime:
                 tenant_cap=settings.metrics_tenant_cap,
             ),
         )
-        provider = make_provider(settings.trace_exporter, settings.trace_sample_ratio)
         if provider is not None:
             runtime.tracer = CheckTracer(provider, settings.trace_sample_ratio)
             # Also the global provider, for the seed-style `trace_function` decorator.
