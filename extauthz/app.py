@@ -20,9 +20,11 @@ from extauthz.bruteforce import BruteForceGuard
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ConfigError, ExtauthzError, UnknownTenantError
 from extauthz.keys import Pepper, check_prefix
+from extauthz.limits.base import Counters
 from extauthz.limits.gate import LimitGate
 from extauthz.limits.memory import MemoryCounters
 from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
+from extauthz.limits.redis import RedisCounters
 from extauthz.policy import Policy, load_policy
 from extauthz.settings import Settings
 from extauthz.store import Store, open_store
@@ -103,8 +105,8 @@ class Runtime:
     resolver: KeyResolver
     keys: APIKeyManager
     tenants: TenantManager
-    counters: MemoryCounters
-    journal: QuotaJournal
+    counters: Counters
+    journal: QuotaJournal | None  # memory counters' durable copy; Redis keeps its own
     audit: AuditLogger
     usage: UsageTracker
     policy: Policy
@@ -137,10 +139,15 @@ class Runtime:
         keys = APIKeyManager(
             store, pepper, clock, prefix=settings.key_prefix, resolver=resolver, actor=actor
         )
-        counters = MemoryCounters(clock, settings.lease_ttl)
-        journal = QuotaJournal(store, counters)
+        counters: Counters
+        journal = None
         try:
-            journal.load(quota_window(clock.now(), policy.timezone)[0])
+            if settings.counters_url.startswith(("redis://", "rediss://")):
+                counters = RedisCounters(settings.counters_url, settings.lease_ttl)
+            else:
+                counters = MemoryCounters(clock, settings.lease_ttl)
+                journal = QuotaJournal(store, counters)
+                journal.load(quota_window(clock.now(), policy.timezone)[0])
         except BaseException:
             store.close()
             raise
@@ -207,7 +214,8 @@ class Runtime:
         every flush_interval). All are tried; what fails stays queued for the next
         flush, and the error is raised."""
         try:
-            self.journal.flush()
+            if self.journal is not None:
+                self.journal.flush()
         finally:
             try:
                 self.audit.flush()

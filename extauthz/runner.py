@@ -76,15 +76,16 @@ def _spawn_worker(
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     """N single-process servers on N ports (base port + i, or free ports for port 0), to
     be listed as N endpoints in Envoy's cluster. Each has its own cache and polls the
-    store for changes; until shared counters exist (Redis), any per-process limit is
-    enforced per worker, not in total."""
+    store for changes. With memory counters each limit is enforced per worker; with
+    EXTAUTHZ_COUNTERS_URL=redis://... they share one set of counters."""
     mode = args.mode or settings.mode
-    log.warning(
-        "%d workers with memory counters: each worker enforces its own limits, and a "
-        "worker frees the concurrency slots of other workers only by lease expiry "
-        "(EXTAUTHZ_LEASE_TTL); run one worker where exact limits matter",
-        args.workers,
-    )
+    if settings.counters_url == "memory://":
+        log.warning(
+            "%d workers with memory counters: each worker enforces its own limits, and "
+            "a worker frees the concurrency slots of other workers only by lease expiry "
+            "(EXTAUTHZ_LEASE_TTL); use EXTAUTHZ_COUNTERS_URL=redis://... for exact limits",
+            args.workers,
+        )
     Runtime.open(settings).close()  # create the pepper and schema once, before the workers
     procs: list[subprocess.Popen[str]] = []
     ports: dict[str, list[int]] = {}

@@ -175,11 +175,8 @@ def _positive_duration(value: object, what: str) -> float:
 
 def _counters_url(value: object, what: str) -> str:
     url = str(value).strip()
-    if url != "memory://":
-        raise ConfigError(
-            f"{what}: {url!r} is not supported yet; use memory:// (Redis counters come "
-            "with the scale-out release)"
-        )
+    if url != "memory://" and not url.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"{what}: {url!r}: use memory:// or redis://HOST:PORT/DB")
     return url
 
 

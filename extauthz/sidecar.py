@@ -33,6 +33,10 @@ from extauthz.webhooks import WebhookDispatcher
 log = logging.getLogger("extauthz")
 
 
+def _nothing() -> None:
+    pass
+
+
 class Upkeep(threading.Thread):
     """Polls the store's revision (so revocations from other processes land within
     ``revocation_poll``) and the policy file; writes last-used times, daily counts and
@@ -67,7 +71,8 @@ class Upkeep(threading.Thread):
                     self.runtime.counters.maintain(self._days())
                     for settled in self.runtime.counters.drain_expired():
                         self.runtime.usage.add(incomplete(settled))
-                    self.runtime.journal.flush()
+                    if self.runtime.journal is not None:
+                        self.runtime.journal.flush()
                 if clock.monotonic() >= next_touch:
                     next_touch = clock.monotonic() + settings.last_used_flush
                     self.runtime.resolver.flush_last_used()
@@ -273,7 +278,7 @@ class Sidecar:
         for name, close in (
             ("audit events", self.runtime.audit.close),
             ("usage records", self.runtime.usage.close),
-            ("daily counts", self.runtime.journal.flush),
+            ("daily counts", self.runtime.journal.flush if self.runtime.journal else _nothing),
         ):
             try:
                 close()

@@ -97,8 +97,14 @@ class Counters(abc.ABC):
         """Tokens in the tenant's bucket now (the bucket is full if never used)."""
 
     @abc.abstractmethod
-    def maintain(self) -> int:
-        """Expire overdue leases and forget idle state; returns the leases expired."""
+    def maintain(self, keep_days: frozenset[str] = frozenset()) -> int:
+        """Expire overdue leases and forget idle state (and, given ``keep_days``, the
+        counts of other days where the backend keeps them itself); returns the leases
+        expired."""
+
+    @abc.abstractmethod
+    def leases_held(self) -> int:
+        """Slots held now, across tenants, where the backend can tell cheaply (else 0)."""
 
     @abc.abstractmethod
     def end_leases(self) -> list[Settlement]:

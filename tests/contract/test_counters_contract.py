@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -15,15 +16,30 @@ from extauthz.model import TenantTier
 from extauthz.policy import DEFAULT_TIERS, Limits, RateLimit
 from extauthz.testing import ManualClock
 
+
+def redis_counters(clock: ManualClock) -> Counters:
+    """Real Redis on this machine (CI starts it); a fresh key prefix per test."""
+    from extauthz.limits.redis import RedisCounters
+
+    prefix = f"t{uuid.uuid4().hex}"
+    return RedisCounters("redis://127.0.0.1:6379/0", lease_ttl=30.0, prefix=prefix, clock=clock)
+
+
 BACKENDS: dict[str, Callable[[ManualClock], Counters]] = {
     "memory": lambda clock: MemoryCounters(clock, lease_ttl=30.0),
+    "redis": redis_counters,
 }
 DAY = "2027-01-15"
 # Roomy limits: each test tightens the one it is about.
 ROOMY = Limits(1_000_000, 1_000_000, 1_000, RateLimit(60_000, 1_000), 0.0)
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
+)
 def counters(request: pytest.FixtureRequest, clock: ManualClock) -> Counters:
     return BACKENDS[request.param](clock)
 

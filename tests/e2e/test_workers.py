@@ -82,3 +82,99 @@ def test_two_workers_share_traffic_and_both_see_a_revocation(tmp_path: Path) -> 
             workers.stdout.close()
         runtime.close()
     assert code == 0
+
+
+@pytest.mark.redis
+def test_three_workers_on_redis_counters_enforce_one_limit(tmp_path: Path) -> None:
+    """BAD_INPUTS #12 across processes: three workers behind one Envoy (round robin)
+    sharing Redis counters; 100 concurrent requests against 5 slots held by a slow
+    backend: exactly 5 reach it. The access-log stream reaches one worker, which frees
+    slots taken by the others."""
+    import threading
+    import uuid
+    from collections import Counter
+
+    from tests.e2e.backends import TestBackend
+
+    env = {
+        **os.environ,
+        "EXTAUTHZ_DATA_DIR": str(tmp_path),
+        "EXTAUTHZ_LOG_LEVEL": "warning",
+        "EXTAUTHZ_COUNTERS_URL": "redis://127.0.0.1:6379/0",
+        "EXTAUTHZ_POLICY_FILE": str(tmp_path / "policy.yaml"),
+    }
+    tenant_id = f"t_{uuid.uuid4().hex[:12]}"  # fresh counters in the shared Redis
+    (tmp_path / "policy.yaml").write_text(
+        f"tenants:\n  {tenant_id}: {{concurrent: 5, rate_limit: "
+        "{requests_per_minute: 1000000, burst: 100000}}\n"
+    )
+    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
+        env.pop(name, None)
+    runtime = Runtime.open(load_settings(environ=env))
+    runtime.tenants.create_tenant("r", "enterprise", tenant_id)
+    key = runtime.keys.create_key(tenant_id)[1]
+    workers = subprocess.Popen(
+        extauthz_cmd(
+            "serve",
+            "--workers",
+            "3",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--als-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--json",
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    backend = TestBackend().start()
+    envoy = None
+    try:
+        assert workers.stdout is not None
+        ready = json.loads(workers.stdout.readline())
+        envoy = EnvoyProcess(
+            render(
+                listen=("127.0.0.1", 0),
+                upstream=("127.0.0.1", backend.port),
+                authz=[("127.0.0.1", p) for p in ready["grpc_ports"]],
+                als=[("127.0.0.1", p) for p in ready["als_ports"]],
+                admin=("127.0.0.1", 0),
+            ),
+            tmp_path / "envoy",
+            concurrency=1,
+        )
+        envoy.start()
+        port = envoy.listener_port()
+        backend.hold()
+        barrier, replies, lock = threading.Barrier(100), [], threading.Lock()
+
+        def one() -> None:
+            barrier.wait(10)
+            status = get(port, "/slow", [("x-api-key", key)]).status
+            with lock:
+                replies.append(status)
+
+        threads = [threading.Thread(target=one) for _ in range(100)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: backend.holding == 5 and len(replies) == 95, 15)
+        assert backend.holding == 5
+        backend.release()
+        for t in threads:
+            t.join(30)
+        assert Counter(replies) == {200: 5, 429: 95}
+        # The slots come back through the access log, whichever worker took them.
+        wait_until(lambda: get(port, "/fast", [("x-api-key", key)]).status == 200, 5)
+    finally:
+        backend.release()
+        if envoy is not None:
+            envoy.stop()
+        workers.send_signal(signal.SIGTERM)
+        assert workers.wait(30) == 0
+        if workers.stdout is not None:
+            workers.stdout.close()
+        backend.stop()
+        runtime.close()

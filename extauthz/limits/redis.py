@@ -1,0 +1,229 @@
+"""Counters in Redis (``redis://``, ``rediss://``), shared by every replica.
+
+One Lua script per check (lua/acquire.lua) tests every limit and charges all or none,
+on Redis's own clock (``TIME``), so replicas' clocks do not matter. Scripts are called by
+SHA and reloaded if Redis forgets them (a restart: BAD_INPUTS #17). Each tenant's keys
+share a hash tag (``{tenant}``), so they live in one Redis Cluster slot; every key has a
+TTL. Leases are a sorted set per tenant (members expire by score); a small index from
+lease id to tenant lets the access log release a lease knowing only the request id.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import redis
+
+from extauthz.clock import Clock
+from extauthz.errors import StoreError
+from extauthz.limits.base import Ask, Counters, Settlement, Verdict
+from extauthz.policy import Limits
+
+DAY_TTL = 3 * 86_400  # a day's counts outlive the day (yesterday's late settlements)
+
+
+def _script(name: str) -> str:
+    return resources.files("extauthz.limits").joinpath("lua", name).read_text()
+
+
+class RedisCounters(Counters):
+    def __init__(
+        self,
+        url: str,
+        lease_ttl: float = 60.0,
+        prefix: str = "extauthz",
+        timeout: float = 0.05,
+        clock: Clock | None = None,
+    ) -> None:
+        self.url = url
+        # Redis's own clock unless a test injects one (then its monotonic time).
+        self.clock = clock
+        self.lease_ttl = lease_ttl
+        self.prefix = prefix
+        try:
+            self.redis = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=max(timeout, 0.5)
+            )
+        except ValueError as exc:
+            raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
+        self._acquire = self.redis.register_script(_script("acquire.lua"))
+        self._release = self.redis.register_script(_script("release.lua"))
+
+    # key names: everything of one tenant under one hash tag
+    def _k(self, tenant_id: str, part: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:{part}"
+
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=keys, args=args)  # EVALSHA, EVAL again after NOSCRIPT
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+
+    def acquire(self, ask: Ask) -> Verdict:
+        limits, tenant = ask.limits, ask.tenant_id
+        key_rate = limits.key_rate_limit
+        payload = json.dumps(
+            [
+                ask.tenant_id,
+                ask.key_id,
+                ask.day,
+                ask.tokens,
+                ask.route,
+                ask.method,
+                ask.price,
+                ask.started,
+                ask.lease_id,
+            ]
+        )
+        reply = self._run(
+            self._acquire,
+            [
+                self._k(tenant, "bucket"),
+                self._k(tenant, f"key:{ask.key_id}"),
+                self._k(tenant, f"day:{ask.day}"),
+                self._k(tenant, "leases"),
+                self._k(tenant, "lease-payloads"),
+                f"{self.prefix}:lease:",
+                f"{self.prefix}:expired",
+            ],
+            [
+                ask.cost,
+                ask.tokens,
+                limits.rate_limit.burst,
+                limits.rate_limit.requests_per_minute / 60.0,
+                key_rate.burst if key_rate else 0,
+                key_rate.requests_per_minute / 60.0 if key_rate else 0,
+                limits.requests_per_day,
+                limits.tokens_per_day if limits.tokens_per_day is not None else -1,
+                limits.concurrent,
+                int(self.lease_ttl * 1000),
+                ask.lease_id or f"-anonymous-{id(ask)}",
+                payload,
+                DAY_TTL,
+                self._now_ms() or 0,
+            ],
+        )
+        allowed, by, retry_ms, requests, tokens, level_milli, held = reply
+        by = by.decode() if isinstance(by, bytes) else by
+        return Verdict(
+            bool(allowed),
+            by or None,
+            int(retry_ms) / 1000.0,
+            int(requests),
+            int(tokens),
+            int(level_milli) / 1000.0,
+            int(held),
+        )
+
+    def release(self, lease_id: str, actual_tokens: int | None = None) -> Settlement | None:
+        try:
+            raw = self.redis.get(f"{self.prefix}:lease:{lease_id}")
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+        if raw is None:
+            return None
+        settled = _settlement(raw, actual_tokens)
+        tenant = settled.tenant_id
+        freed = self._run(
+            self._release,
+            [
+                self._k(tenant, "leases"),
+                self._k(tenant, "lease-payloads"),
+                f"{self.prefix}:lease:{lease_id}",
+                self._k(tenant, f"day:{settled.day}"),
+            ],
+            [lease_id, -1 if actual_tokens is None else actual_tokens, settled.reserved],
+        )
+        return settled if freed else None
+
+    def add_usage(self, tenant_id: str, day: str, requests: int = 0, tokens: int = 0) -> None:
+        key = self._k(tenant_id, f"day:{day}")
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.hincrby(key, "requests", requests)
+                pipe.hincrby(key, "tokens", tokens)
+                pipe.expire(key, DAY_TTL)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+
+    def usage(self, tenant_id: str, day: str) -> tuple[int, int]:
+        try:
+            requests, tokens = self.redis.hmget(
+                self._k(tenant_id, f"day:{day}"), "requests", "tokens"
+            )
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+        return int(requests or 0), max(0, int(tokens or 0))
+
+    def _now_ms(self) -> int | None:
+        if self.clock is None:
+            return None
+        return int(self.clock.monotonic() * 1000)
+
+    def _redis_now_ms(self) -> int:
+        injected = self._now_ms()
+        if injected is not None:
+            return injected
+        now_s, now_us = self.redis.time()
+        return int(now_s) * 1000 + int(now_us) // 1000
+
+    def in_flight(self, tenant_id: str) -> int:
+        key = self._k(tenant_id, "leases")
+        try:
+            return int(self.redis.zcount(key, f"({self._redis_now_ms()}", "+inf"))
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+
+    def rate_left(self, tenant_id: str, limits: Limits) -> float:
+        try:
+            level, ts = self.redis.hmget(self._k(tenant_id, "bucket"), "level", "ts")
+            now_ms = self._redis_now_ms()
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+        burst = float(limits.rate_limit.burst)
+        if level is None:
+            return burst
+        elapsed = max(0.0, (now_ms - int(ts or 0)) / 1000.0)
+        return min(burst, float(level) + elapsed * limits.rate_limit.requests_per_minute / 60.0)
+
+    def maintain(self, keep_days: frozenset[str] = frozenset()) -> int:
+        return 0  # every key carries a TTL; leases expire by score at the next acquire
+
+    def end_leases(self) -> list[Settlement]:
+        return []  # shared: another replica (or this one, restarted) releases them
+
+    def drain_expired(self) -> list[Settlement]:
+        key = f"{self.prefix}:expired"
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.lrange(key, 0, -1)
+                pipe.delete(key)
+                payloads, _ = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters failed: {exc}") from None
+        return [_settlement(p, None) for p in payloads]
+
+    def leases_held(self) -> int:
+        return 0  # per tenant only (in_flight): a global count would need a scan
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def _settlement(raw: bytes | str, actual: int | None) -> Settlement:
+    tenant, key_id, day, reserved, route, method, price, started, request_id = json.loads(raw)
+    return Settlement(
+        tenant,
+        key_id,
+        day,
+        int(reserved),
+        actual,
+        route,
+        method,
+        float(price),
+        float(started),
+        request_id,
+    )

@@ -1,0 +1,89 @@
+"""What only the Redis counters must also get right: scripts Redis forgot, TTLs on every
+key, expired leases handed over for incomplete usage records."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from extauthz.limits.base import Ask
+from extauthz.limits.redis import RedisCounters
+from extauthz.policy import Limits, RateLimit
+from extauthz.testing import ManualClock
+
+pytestmark = pytest.mark.redis
+LIMITS = Limits(1000, 1000, 2, RateLimit(600, 100), 0.001)
+
+
+@pytest.fixture
+def counters(clock: ManualClock) -> Iterator[RedisCounters]:
+    c = RedisCounters(
+        "redis://127.0.0.1:6379/0", lease_ttl=30.0, prefix=f"t{uuid.uuid4().hex}", clock=clock
+    )
+    yield c
+    for key in c.redis.scan_iter(f"{c.prefix}:*"):
+        c.redis.delete(key)
+    c.close()
+
+
+def ask(lease: str, **kw: object) -> Ask:
+    return Ask("t1", "k1", lease, LIMITS, "2027-01-15", tokens=10, **kw)  # type: ignore[arg-type]
+
+
+def test_scripts_flushed_by_a_restart_are_loaded_again(counters: RedisCounters) -> None:
+    """BAD_INPUTS #17: after SCRIPT FLUSH the next check reloads the script and counts
+    the request exactly once."""
+    assert counters.acquire(ask("a")).allowed
+    counters.redis.script_flush()
+    verdict = counters.acquire(ask("b"))
+    assert verdict.allowed
+    assert verdict.requests_today == 2
+    assert counters.usage("t1", "2027-01-15") == (2, 20)
+
+
+def test_every_key_has_a_ttl(counters: RedisCounters) -> None:
+    """BAD_INPUTS #15: nothing we write lives forever."""
+    counters.acquire(
+        Ask(
+            "t1",
+            "k1",
+            "a",
+            Limits(1000, 1000, 5, RateLimit(60, 5), 0.0, key_rate_limit=RateLimit(60, 5)),
+            "d",
+        )
+    )
+    keys = list(counters.redis.scan_iter(f"{counters.prefix}:*"))
+    assert len(keys) >= 5
+    for key in keys:
+        assert counters.redis.pttl(key) > 0, key
+
+
+def test_expired_leases_are_handed_over_once(counters: RedisCounters, clock: ManualClock) -> None:
+    """A lease nobody released expires at the next check of its tenant; drain_expired
+    returns it once (for its incomplete usage record), with its request's facts."""
+    counters.acquire(ask("gone", route="/v1/chat", method="POST", price=0.002, started=5.0))
+    clock.advance(31)
+    counters.acquire(ask("next"))
+    (expired,) = counters.drain_expired()
+    assert (expired.request_id, expired.tenant_id, expired.reserved, expired.route) == (
+        "gone",
+        "t1",
+        10,
+        "/v1/chat",
+    )
+    assert counters.drain_expired() == []
+    assert counters.release("gone") is None
+
+
+def test_redis_down_is_a_store_error_not_a_hang(clock: ManualClock) -> None:
+    """A Redis that does not answer gives StoreError within the timeout."""
+    from extauthz.errors import StoreError
+
+    dead = RedisCounters("redis://127.0.0.1:9/0", timeout=0.05, clock=clock)
+    with pytest.raises(StoreError):
+        dead.acquire(ask("x"))
+    with pytest.raises(redis.RedisError):
+        dead.redis.ping()
