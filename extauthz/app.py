@@ -227,4 +227,5 @@ class Runtime:
             self.flush()
         except ExtauthzError as exc:
             log.error("could not write daily counts / audit events on close: %s", exc)
+        self.counters.close()
         self.store.close()
