@@ -192,7 +192,11 @@ class Sidecar:
                 self.ports["grpc_port"] = self.grpc.bind(addr)
             if self.mode in ("http", "both"):
                 host, port = parse_hostport(http_addr or settings.http_addr, "http address")
-                self.http = HttpAuthzThread(self.authorizer, self.authorizer.metrics)
+                self.http = HttpAuthzThread(
+                    self.authorizer,
+                    self.authorizer.metrics,
+                    offload=settings.counters_url.startswith(("redis://", "rediss://")),
+                )
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from
             # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import httptools
@@ -61,6 +62,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, server: HttpAuthzServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.busy = False  # a check is being decided on a worker thread
         self.parser = httptools.HttpRequestParser(self)
         self._reset()
 
@@ -110,6 +112,9 @@ class _Protocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.server.executor is not None:
+            self._offload()
+            return
         metrics = self.server.metrics
         if metrics is None:
             self._answer()
@@ -125,16 +130,49 @@ class _Protocol(asyncio.Protocol):
     def _answer(self) -> None:
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         try:
-            decision = self.server.check(self._input())
-            if decision.base is not None and not decision.body and keep_alive:
-                payload = self.server.with_headers(decision.base, decision.client_headers)
-            else:
-                payload = self.server.encode(decision) if keep_alive else render(decision, False)
+            payload = self._payload(self.server.check(self._input()), keep_alive)
         except Exception:
             log.exception("check failed")  # fail closed with an explicit answer
             payload = self.server.internal_error
         self._reset()
         self._reply(payload, close=not keep_alive)
+
+    def _payload(self, decision: Decision, keep_alive: bool) -> bytes:
+        if decision.base is not None and not decision.body and keep_alive:
+            return self.server.with_headers(decision.base, decision.client_headers)
+        return self.server.encode(decision) if keep_alive else render(decision, False)
+
+    def _offload(self) -> None:
+        """Decide on a worker thread (the counters are remote: a round trip must not
+        stall every other connection on this loop). Reading pauses until the answer is
+        written, so answers on one connection stay in order."""
+        keep_alive = self.parser.should_keep_alive() and not self.server.closing
+        request = self._input()
+        self._reset()
+        self.busy = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        started = time.perf_counter()
+        if self.server.metrics is not None:
+            self.server.metrics.active.inc()
+        executor = self.server.executor
+        future = asyncio.get_running_loop().run_in_executor(executor, self.server.check, request)
+        future.add_done_callback(lambda done: self._offloaded(done, keep_alive, started))
+
+    def _offloaded(self, done: asyncio.Future[Decision], keep_alive: bool, started: float) -> None:
+        try:
+            payload = self._payload(done.result(), keep_alive)
+        except Exception:
+            log.exception("check failed")  # fail closed with an explicit answer
+            payload = self.server.internal_error
+        metrics = self.server.metrics
+        if metrics is not None:
+            metrics.active.dec()
+            metrics.transport_duration["http"].observe(time.perf_counter() - started)
+        self.busy = False
+        self._reply(payload, close=not keep_alive)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _count(self, n: int) -> None:
         self.head_bytes += n
@@ -175,8 +213,15 @@ class _Protocol(asyncio.Protocol):
 class HttpAuthzServer:
     """The HTTP-service endpoint on an asyncio loop (uvloop when installed)."""
 
-    def __init__(self, authorizer: Authorizer, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, authorizer: Authorizer, metrics: Metrics | None = None, offload: bool = False
+    ) -> None:
         self.metrics = metrics
+        # Inline checks (microseconds with local counters) unless they wait on a network
+        # round trip (Redis counters): then on worker threads.
+        self.executor = (
+            ThreadPoolExecutor(32, thread_name_prefix="extauthz-http-check") if offload else None
+        )
         self.check: Callable[[CheckInput], Decision] = authorizer.check
         denials = authorizer.denials
         self.bad_request = render(denials["invalid_request"], keep_alive=False)
@@ -215,13 +260,15 @@ class HttpAuthzServer:
             self._server.close()
         deadline = asyncio.get_running_loop().time() + grace
         for conn in list(self.connections):
-            if conn.transport is not None and not conn.head_bytes:
+            if conn.transport is not None and not conn.head_bytes and not conn.busy:
                 conn.transport.close()
         while self.connections and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -237,10 +284,12 @@ class HttpAuthzThread:
     """Runs an HttpAuthzServer on its own event loop in a background thread, so the main
     thread stays free for signals and the gRPC server."""
 
-    def __init__(self, authorizer: Authorizer, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, authorizer: Authorizer, metrics: Metrics | None = None, offload: bool = False
+    ) -> None:
         import threading
 
-        self.server = HttpAuthzServer(authorizer, metrics)
+        self.server = HttpAuthzServer(authorizer, metrics, offload)
         self.loop = new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="extauthz-http", daemon=True

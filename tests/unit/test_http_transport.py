@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
+from extauthz.testing import CountingStore
 from extauthz.transport.http_authz import MAX_HEAD_BYTES, HttpAuthzThread
 
 
@@ -177,4 +178,36 @@ def test_allow_with_limits_adds_ratelimit_headers_and_reads_the_body(
         assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
         assert b'"error": "token_limit_exceeded"' in reply
     finally:
+        server.stop(1)
+
+
+def test_offloaded_checks_do_not_stall_other_connections(
+    authorizer: Authorizer, acme_key: tuple[str, str], store: CountingStore
+) -> None:
+    """With remote counters the HTTP service decides on worker threads: a check stuck in
+    a slow lookup does not hold up another connection's answer, and answers on one
+    connection stay in order."""
+    import threading
+
+    server = HttpAuthzThread(authorizer, offload=True)
+    port = server.start("127.0.0.1", 0)
+    store.gate = threading.Event()
+    try:
+        slow: list[bytes] = []
+        waiting = threading.Thread(
+            target=lambda: slow.append(exchange(port, request("/v1", f"x-api-key: {acme_key[1]}")))
+        )
+        waiting.start()
+        assert store.entered.wait(5)
+        fast = exchange(port, request("/v1", "connection: close"))
+        assert fast.startswith(b"HTTP/1.1 401 ")
+        assert not slow  # still waiting on its lookup
+        store.gate.set()
+        waiting.join(10)
+        assert slow[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        one = request("/v1", f"x-api-key: {acme_key[1]}")
+        both = exchange(port, one + request("/v1", "connection: close"))
+        assert both.index(b"HTTP/1.1 200 OK") < both.index(b"HTTP/1.1 401 ")
+    finally:
+        store.gate.set()
         server.stop(1)
