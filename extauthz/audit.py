@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 
 from extauthz.auditchain import Anchor, Problem
@@ -48,6 +49,11 @@ ACTIONS = (
     DATA_MODIFIED,
     SECURITY_ALERT,
 )
+
+
+def sampled(share: float) -> bool:
+    """Whether to audit this allowed request, for a policy share from 0 to 1."""
+    return share >= 1.0 or (share > 0 and random.random() < share)  # noqa: S311 - sampling
 
 
 def make_event(clock: Clock, action: str, outcome: str, **fields: object) -> AuditEvent:

@@ -20,17 +20,16 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
 
 from extauthz.apikeys import KeyResolver, Resolution
-from extauthz.audit import AUTH_FAILURE, AUTH_SUCCESS, SECURITY_ALERT, AuditLogger
+from extauthz.audit import AUTH_FAILURE, AUTH_SUCCESS, SECURITY_ALERT, AuditLogger, sampled
 from extauthz.bruteforce import BruteForceGuard
 from extauthz.errors import StoreError
 from extauthz.keys import MAX_KEY_LEN
 from extauthz.limits.gate import LimitGate
 from extauthz.model import CheckInput, Decision, Principal
-from extauthz.policy import Policy
+from extauthz.policy import Policy, Route
 from extauthz.reasons import REASONS, Reason, deny_decision
 from extauthz.telemetry.metrics import Metrics
 from extauthz.telemetry.tracing import CheckTracer
@@ -39,6 +38,14 @@ log = logging.getLogger("extauthz.authorizer")
 __all__ = ["REASONS", "Authorizer", "Reason", "deny_decision"]
 IDENTITY_HEADERS = ("x-tenant-id", "x-tenant-tier", "x-api-key-id")
 MAX_CACHED_DECISIONS = 100_000
+
+
+def _endpoint(route: Route | None) -> str:
+    """The metrics label for a request's route: its policy rule, or "other" (a raw path
+    would be a label per URL)."""
+    if route is None:
+        return "other"
+    return route.path if route.path is not None else f"{route.prefix}*"
 
 
 class Authorizer:
@@ -78,32 +85,28 @@ class Authorizer:
         self._allowed_generation = -1
 
     def check(self, request: CheckInput) -> Decision:
+        # One policy snapshot and one route match for the whole decision, its audit
+        # events and its metrics (a reload mid-request must not mix two policies).
+        policy = self.policy
+        route = policy.route(request.path) if policy.routes else None
         tracer = self.tracer
         if tracer is None or not tracer.wants(request):
-            return self._measured(request)
+            return self._measured(request, policy, route)
         with tracer.span(request) as span:
-            decision = self._measured(request)
+            decision = self._measured(request, policy, route)
             tracer.finish(span, decision)
             return decision
 
-    def _measured(self, request: CheckInput) -> Decision:
+    def _measured(self, request: CheckInput, policy: Policy, route: Route | None) -> Decision:
         metrics = self.metrics
         if metrics is None:
-            return self._check(request)
+            return self._check(request, policy, route)
         started = time.perf_counter()
-        decision = self._check(request)
-        metrics.observe(request, decision, self._endpoint(request), time.perf_counter() - started)
+        decision = self._check(request, policy, route)
+        metrics.observe(request, decision, _endpoint(route), time.perf_counter() - started)
         return decision
 
-    def _endpoint(self, request: CheckInput) -> str:
-        """The metrics label for the request's route: its policy rule, or "other" (a raw
-        path would be a label per URL)."""
-        route = self.policy.route(request.path) if self.policy.routes else None
-        if route is None:
-            return "other"
-        return route.path if route.path is not None else f"{route.prefix}*"
-
-    def _check(self, request: CheckInput) -> Decision:
+    def _check(self, request: CheckInput, policy: Policy, route: Route | None) -> Decision:
         if self.guard is not None:
             blocked = self.guard.blocked_for(request.source_address)
             if blocked > 0:
@@ -115,10 +118,10 @@ class Authorizer:
                         request_id=request.request_id[:128],
                         trace_id=request.trace_id,
                         source=request.source_address[:64],
-                        policy_version=self.policy.version,
+                        policy_version=policy.version,
                     )
                 return self._blocked(blocked)
-        decision = self._decide(request)
+        decision = self._decide(request, policy, route)
         if not decision.allowed and log.isEnabledFor(logging.DEBUG):
             # Never the key, the query string or the Authorization header: only facts.
             log.debug(
@@ -130,20 +133,18 @@ class Authorizer:
                 request.request_id[:64],
             )
         if self.audit is not None and decision.reason != "public":
-            return self._audited(request, decision)
+            return self._audited(request, decision, policy)
         return decision
 
-    def _audited(self, request: CheckInput, decision: Decision) -> Decision:
+    def _audited(self, request: CheckInput, decision: Decision, policy: Policy) -> Decision:
         """Audit the outcome: every refused credential (and brute-force alerts), and a
         sampled share of allowed requests. Limit denials are audited by the gate."""
         audit = self.audit
         if audit is None:
             return decision
         principal = decision.principal
-        policy = self.policy
         if decision.allowed:
-            share = policy.audit.sample_allowed
-            if share >= 1.0 or (share > 0 and random.random() < share):  # noqa: S311 - sampling
+            if sampled(policy.audit.sample_allowed):
                 ok = audit.event(
                     AUTH_SUCCESS,
                     "success",
@@ -209,17 +210,14 @@ class Authorizer:
             reusable=False,
         )
 
-    def _decide(self, request: CheckInput) -> Decision:
-        policy = self.policy  # one snapshot for the whole decision
+    def _decide(self, request: CheckInput, policy: Policy, route: Route | None) -> Decision:
         if self.query_key_params and "?" in request.path and self._key_in_query(request.path):
             return self.denials["key_in_query"]
         cost = 1
-        if policy.routes:
-            route = policy.route(request.path)
-            if route is not None:
-                if route.public:
-                    return self._public_bearer if self._has_bearer(request) else self._public
-                cost = route.cost
+        if route is not None:
+            if route.public:
+                return self._public_bearer if self._has_bearer(request) else self._public
+            cost = route.cost
         found = self._find_keys(request)
         if isinstance(found, str):
             return self.denials[found]

@@ -6,7 +6,6 @@ handling for a graceful stop (SIGTERM/SIGINT) and policy reload (SIGHUP).
 from __future__ import annotations
 
 import logging
-import random
 import signal
 import threading
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
 from extauthz.app import Runtime
-from extauthz.audit import SECURITY_ALERT
+from extauthz.audit import SECURITY_ALERT, sampled
 from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
 from extauthz.limits.quota import quota_window
@@ -159,8 +158,7 @@ class Sidecar:
         if settled is None:
             return  # denied, public, or reported already: nothing to bill (again)
         runtime.usage.add(completed(settled, done))
-        share = runtime.policy.audit.sample_allowed
-        if share >= 1.0 or (share > 0 and random.random() < share):  # noqa: S311 - sampling
+        if sampled(runtime.policy.audit.sample_allowed):
             runtime.audit.log_api_request(
                 settled.tenant_id,
                 settled.route,
