@@ -30,10 +30,8 @@ def cost_of(tokens: int, price_per_1k: float) -> float:
     return round(tokens * price_per_1k / 1000.0, 9)
 
 
-def completed(settled: Settlement, done: Completion) -> UsageRecord:
-    """The record of a request Envoy reported finished."""
-    tokens_in = done.tokens_in or 0
-    tokens_out = done.tokens_out or 0
+def _record(settled: Settlement, tokens_in: int, tokens_out: int, **measured: Any) -> UsageRecord:
+    """What the check knew about the request (its lease), plus what was measured."""
     return UsageRecord(
         request_id=settled.request_id,
         ts=settled.started,
@@ -42,31 +40,30 @@ def completed(settled: Settlement, done: Completion) -> UsageRecord:
         key_id=settled.key_id,
         route=settled.route,
         method=settled.method,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        cost=cost_of(tokens_in + tokens_out, settled.price),
+        **measured,
+    )
+
+
+def completed(settled: Settlement, done: Completion) -> UsageRecord:
+    """The record of a request Envoy reported finished."""
+    return _record(
+        settled,
+        done.tokens_in or 0,
+        done.tokens_out or 0,
         status=done.status,
         latency_ms=round(done.latency_ms, 3),
         request_bytes=done.request_bytes,
         response_bytes=done.response_bytes,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
-        cost=cost_of(tokens_in + tokens_out, settled.price),
     )
 
 
 def incomplete(settled: Settlement) -> UsageRecord:
     """The record of an allowed request whose access-log entry never came: what the
     check knew, its declared tokens billed as reserved."""
-    return UsageRecord(
-        request_id=settled.request_id,
-        ts=settled.started,
-        day=settled.day,
-        tenant_id=settled.tenant_id,
-        key_id=settled.key_id,
-        route=settled.route,
-        method=settled.method,
-        tokens_in=settled.reserved,
-        cost=cost_of(settled.reserved, settled.price),
-        incomplete=True,
-    )
+    return _record(settled, settled.reserved, 0, incomplete=True)
 
 
 def totals(records: Iterable[UsageRecord]) -> dict[str, Any]:

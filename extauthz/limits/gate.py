@@ -8,7 +8,6 @@ logged, counted and audited, and nothing is charged (all or nothing, as for a de
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -20,7 +19,7 @@ from extauthz.limits.base import CONCURRENT, DAY, KEY_RATE, RATE, TOKENS_DAY, As
 from extauthz.limits.declared import INVALID, declared_tokens
 from extauthz.limits.headers import allow_headers, deny_headers, whole_seconds
 from extauthz.limits.quota import QuotaCalendar
-from extauthz.model import CheckInput, Decision
+from extauthz.model import CheckInput, Decision, Principal
 from extauthz.policy import Limits, Policy
 from extauthz.reasons import REASONS
 
@@ -71,7 +70,7 @@ class LimitGate:
                 f"This request declares {tokens} tokens; the tier allows at most "
                 f"{limits.tokens_per_request} per request."
             )
-            denial = self._denial(CAP_REASON, 400, message, ())
+            denial = _denial(principal, CAP_REASON, 400, message, ())
             return self._refuse(
                 allowed, denial, request, limits=limits, policy=policy, reason=CAP_REASON
             )
@@ -102,7 +101,9 @@ class LimitGate:
         by = verdict.denied_by or RATE
         reason = REASON_OF[by]
         retry = whole_seconds(day_ends_in if by in (DAY, TOKENS_DAY) else verdict.retry_after)
-        denial = self._denial(reason, 429, None, deny_headers(limits, by, retry), retry)
+        denial = _denial(
+            principal, reason, 429, None, deny_headers(limits, by, retry), retry_after=retry
+        )
         return self._refuse(
             allowed, denial, request, limits=limits, policy=policy, reason=reason, by=by
         )
@@ -118,8 +119,6 @@ class LimitGate:
         reason: str,
         by: str = "",
     ) -> Decision:
-        # The denial names who was refused (metrics, traces), like an allow does.
-        denial = dataclasses.replace(denial, principal=allowed.principal)
         outcome = "shadow" if limits.shadow else "denied"
         with self._stats_lock:
             self.stats[(outcome, reason)] += 1
@@ -153,28 +152,33 @@ class LimitGate:
                 )
         return allowed if limits.shadow else denial
 
-    @staticmethod
-    def _denial(
-        reason: str,
-        status: int,
-        message: str | None,
-        headers: tuple[tuple[str, str], ...],
-        retry_after: int | None = None,
-    ) -> Decision:
-        text = message or REASONS[reason].message
-        body: dict[str, object] = {"error": reason, "message": text}
-        if retry_after is not None:
-            body["retry_after"] = retry_after
-        client = (("content-type", "application/json"), ("cache-control", "no-store"), *headers)
-        return Decision(
-            False,
-            status,
-            reason,
-            text,
-            client_headers=client,
-            body=json.dumps(body).encode(),
-            reusable=False,
-        )
+
+def _denial(
+    principal: Principal,
+    reason: str,
+    status: int,
+    message: str | None,
+    headers: tuple[tuple[str, str], ...],
+    *,
+    retry_after: int | None = None,
+) -> Decision:
+    """A limit's deny answer. It names who was refused (metrics, traces), as an allow
+    does."""
+    text = message or REASONS[reason].message
+    body: dict[str, object] = {"error": reason, "message": text}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+    client = (("content-type", "application/json"), ("cache-control", "no-store"), *headers)
+    return Decision(
+        False,
+        status,
+        reason,
+        text,
+        principal=principal,
+        client_headers=client,
+        body=json.dumps(body).encode(),
+        reusable=False,
+    )
 
 
 class Throttle:
