@@ -21,20 +21,13 @@ from tests.e2e.http_util import get
 pytestmark = pytest.mark.e2e
 
 
-def test_two_workers_share_traffic_and_both_see_a_revocation(tmp_path: Path) -> None:
-    """Both workers answer through Envoy (round robin), and a key revoked by the CLI is
-    refused by every worker within a second."""
-    env = {**os.environ, "EXTAUTHZ_DATA_DIR": str(tmp_path), "EXTAUTHZ_LOG_LEVEL": "warning"}
-    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
-        env.pop(name, None)
-    runtime = Runtime.open(load_settings(environ=env))
-    tenant = runtime.tenants.create_tenant("w", "starter")
-    key_id, key = runtime.keys.create_key(tenant.id)
-    workers = subprocess.Popen(
+def serve_workers(n: int, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`extauthz serve --workers N` on free ports; its first line lists them (JSON)."""
+    return subprocess.Popen(
         extauthz_cmd(
             "serve",
             "--workers",
-            "2",
+            str(n),
             "--grpc-addr",
             "127.0.0.1:0",
             "--als-addr",
@@ -47,6 +40,18 @@ def test_two_workers_share_traffic_and_both_see_a_revocation(tmp_path: Path) -> 
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def test_two_workers_share_traffic_and_both_see_a_revocation(tmp_path: Path) -> None:
+    """Both workers answer through Envoy (round robin), and a key revoked by the CLI is
+    refused by every worker within a second."""
+    env = {**os.environ, "EXTAUTHZ_DATA_DIR": str(tmp_path), "EXTAUTHZ_LOG_LEVEL": "warning"}
+    for name in ("EXTAUTHZ_DATABASE_URL", "EXTAUTHZ_PEPPER", "EXTAUTHZ_CONFIG"):
+        env.pop(name, None)
+    runtime = Runtime.open(load_settings(environ=env))
+    tenant = runtime.tenants.create_tenant("w", "starter")
+    key_id, key = runtime.keys.create_key(tenant.id)
+    workers = serve_workers(2, env)
     backend = EchoBackend().start()
     envoy = None
     try:
@@ -113,23 +118,7 @@ def test_three_workers_on_redis_counters_enforce_one_limit(tmp_path: Path) -> No
     runtime = Runtime.open(load_settings(environ=env))
     runtime.tenants.create_tenant("r", "enterprise", tenant_id)
     key = runtime.keys.create_key(tenant_id)[1]
-    workers = subprocess.Popen(
-        extauthz_cmd(
-            "serve",
-            "--workers",
-            "3",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--als-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--json",
-        ),
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    workers = serve_workers(3, env)
     backend = TestBackend().start()
     envoy = None
     try:
