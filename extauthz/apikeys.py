@@ -19,7 +19,7 @@ from cachetools import TTLCache
 
 from extauthz.audit import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, make_event
 from extauthz.clock import SYSTEM_CLOCK, Clock
-from extauthz.errors import UnknownKeyError, UnknownTenantError
+from extauthz.errors import StoreError, UnknownKeyError, UnknownTenantError
 from extauthz.keys import KeyFormat, Pepper, generate_key
 from extauthz.model import APIKey, AuditEvent, Tenant, new_id
 from extauthz.store import Store
@@ -54,6 +54,7 @@ class KeyResolver:
         ttl: float = 30.0,
         negative_ttl: float = 5.0,
         size: int = 100_000,
+        max_stale: float = 300.0,
     ) -> None:
         self.store = store
         self.pepper = pepper
@@ -62,14 +63,20 @@ class KeyResolver:
         self._lock = threading.Lock()
         self._hits: TTLCache[bytes, _Entry] = TTLCache(size, ttl, timer=clock.monotonic)
         self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
+        # The same entries, kept up to the hard age: used only while the store cannot
+        # answer, so known keys keep working through a short database outage.
+        self._stale: TTLCache[bytes, _Entry] = TTLCache(
+            size, max(ttl, max_stale), timer=clock.monotonic
+        )
         self._last_used: dict[str, float] = {}
         self._revision = -1
         # Cache results, read by the metrics collector: hit, negative_hit, miss.
-        self.stats: dict[str, int] = {"hit": 0, "negative_hit": 0, "miss": 0}
+        self.stats: dict[str, int] = {"hit": 0, "negative_hit": 0, "miss": 0, "stale": 0}
         # Called with the seconds a change in the store took to drop this cache.
         self.on_change: Callable[[float], None] | None = None
         self.on_lookup: Callable[[float], None] | None = None  # seconds a store lookup took
         self._generation = 0
+        self._refreshing = threading.Lock()  # upkeep's poll and pushed changes
 
     def resolve(self, presented: str) -> Resolution:
         if not self.format.well_shaped(presented):
@@ -91,17 +98,7 @@ class KeyResolver:
                 return _BAD_CHECKSUM
             # Unknown and known-but-revoked keys both cost exactly one lookup here, so
             # response time does not tell an attacker which of the two a key is.
-            started = time.perf_counter()
-            found = self.store.lookup(key_hash)
-            if self.on_lookup is not None:
-                self.on_lookup(time.perf_counter() - started)
-            with self._lock:
-                # If the cache was dropped while we read, what we read may predate the
-                # change that dropped it: use it for this request, but do not cache it.
-                if generation == self._generation and found is None:
-                    self._misses[key_hash] = True
-                elif generation == self._generation and found is not None:
-                    self._hits[key_hash] = found
+            found = self._fetch(key_hash, generation)
             if found is None:
                 # The same constant-time compare a found key gets, so that a miss does
                 # not answer measurably faster than a revoked key.
@@ -123,6 +120,36 @@ class KeyResolver:
         self._last_used[key.key_id] = now
         return Resolution(None, key, tenant)
 
+    def _fetch(self, key_hash: bytes, generation: int) -> _Entry | None:
+        """The store's answer, cached; while the store fails, a stale copy if one is
+        young enough (else the StoreError goes up: the caller answers 503)."""
+        started = time.perf_counter()
+        try:
+            found = self.store.lookup(key_hash)
+        except StoreError:
+            found = self._stale_entry(key_hash)
+            if found is None:
+                raise
+            return found
+        if self.on_lookup is not None:
+            self.on_lookup(time.perf_counter() - started)
+        with self._lock:
+            # If the cache was dropped while we read, what we read may predate the
+            # change that dropped it: use it for this request, but do not cache it.
+            if generation == self._generation and found is None:
+                self._misses[key_hash] = True
+            elif generation == self._generation and found is not None:
+                self._hits[key_hash] = found
+                self._stale[key_hash] = found
+        return found
+
+    def _stale_entry(self, key_hash: bytes) -> _Entry | None:
+        with self._lock:
+            entry = self._stale.get(key_hash)
+            if entry is not None:
+                self.stats["stale"] += 1
+        return entry
+
     @property
     def generation(self) -> int:
         """Bumped whenever the cache is dropped; lets callers drop what they built on it."""
@@ -133,15 +160,17 @@ class KeyResolver:
             self._generation += 1
             self._hits.clear()
             self._misses.clear()
+            self._stale.clear()
 
     def refresh(self) -> bool:
         """Drop the cache if the store changed since the last call. True if it did."""
-        revision = self.store.revision()
-        if revision == self._revision:
-            return False
-        first = self._revision < 0
-        self._revision = revision
-        self.invalidate()
+        with self._refreshing:
+            revision = self.store.revision()
+            if revision == self._revision:
+                return False
+            first = self._revision < 0
+            self._revision = revision
+            self.invalidate()
         if not first and self.on_change is not None:
             changed = self.store.changed_at()
             if changed is not None:

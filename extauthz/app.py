@@ -46,7 +46,7 @@ def open_secured(settings: Settings) -> tuple[Store, Pepper, bool]:
     """Open the store and the pepper, creating the pepper file if this is a new
     deployment, and refuse a pepper that is not the one the database's keys were made
     with (every key would silently become unknown). Returns (store, pepper, created)."""
-    store = open_store(settings.db_url)
+    store = open_store(settings.db_url, timeout=settings.store_timeout)
     try:
         check_name = "pepper_check_v1"
         created = False
@@ -134,6 +134,7 @@ class Runtime:
             ttl=settings.key_cache_ttl,
             negative_ttl=settings.key_cache_negative_ttl,
             size=settings.key_cache_size,
+            max_stale=settings.key_cache_max_stale,
         )
         actor = admin_actor()
         keys = APIKeyManager(

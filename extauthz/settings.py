@@ -61,6 +61,9 @@ class Settings:
     key_cache_ttl: float = 30.0
     key_cache_negative_ttl: float = 5.0
     key_cache_size: int = 100_000
+    # While the store is down, cached keys keep working up to this age (then 503).
+    key_cache_max_stale: float = 300.0
+    store_timeout: float = 0.25  # a key lookup waits this long for PostgreSQL, then 503
     revocation_poll: float = 0.25
     last_used_flush: float = 5.0
     shutdown_grace: float = 5.0
@@ -196,6 +199,8 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "key_cache_ttl": parse_duration,
     "key_cache_negative_ttl": parse_duration,
     "key_cache_size": _positive_int,
+    "key_cache_max_stale": parse_duration,
+    "store_timeout": _positive_duration,
     "revocation_poll": parse_duration,
     "last_used_flush": parse_duration,
     "shutdown_grace": parse_duration,

@@ -119,6 +119,7 @@ class Sidecar:
         self.ops: OpsServer | None = None
         self.health: HealthServicer | None = None
         self.started = False
+        self._unsubscribe: Callable[[], None] | None = None
         self.ports: dict[str, int] = {}
         metrics = runtime.metrics
         metrics.add_sources(
@@ -210,6 +211,8 @@ class Sidecar:
                 f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR / EXTAUTHZ_ALS_ADDR)"
             ) from None
         self.runtime.resolver.refresh()
+        # Pushed changes (PostgreSQL NOTIFY) drop the cache at once; polling stays.
+        self._unsubscribe = self.runtime.store.subscribe(self._store_changed)
         self._verify_audit_tail()
         self.runtime.audit.start()
         self.runtime.usage.start()
@@ -225,6 +228,12 @@ class Sidecar:
         for name, port in self.ports.items():
             log.info("%s listening on port %d", name.split("_")[0], port)
         return self.ports
+
+    def _store_changed(self) -> None:
+        try:
+            self.runtime.resolver.refresh()
+        except ExtauthzError as exc:
+            log.warning("store change notification: refresh failed: %s", exc)
 
     def _verify_audit_tail(self, rows: int = 1000) -> None:
         """Check the newest rows and the signed head before serving: a log edited or cut
@@ -271,6 +280,8 @@ class Sidecar:
         grace = self.runtime.settings.shutdown_grace
         log.info("stopping: answering in-flight checks (up to %.1fs)", grace)
         self._stop_transports(grace)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self.upkeep.is_alive():
             self.upkeep.stop()
         # Leases still open will never be reported: bill them as incomplete.

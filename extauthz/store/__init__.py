@@ -1,4 +1,5 @@
-"""Stores picked by URL scheme: ``sqlite:///path/to/db`` or ``memory://``."""
+"""Stores picked by URL scheme: ``sqlite:///path/to/db``, ``postgresql://...`` or
+``memory://``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from extauthz.store.base import Store
 __all__ = ["Store", "open_store"]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, timeout: float = 0.25) -> Store:
+    """``timeout``: how long a key lookup may wait on a networked database."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigError(f"database URL {url!r} has no scheme: use sqlite:///PATH or memory://")
+        raise ConfigError(
+            f"database URL {url!r} has no scheme: use sqlite:///PATH, postgresql://... or memory://"
+        )
     if scheme == "sqlite":
         from extauthz.store.sqlite import SQLiteStore
 
@@ -22,10 +26,15 @@ def open_store(url: str) -> Store:
         if not path:
             raise ConfigError(f"database URL {url!r} names no file")
         return SQLiteStore(Path(path), url=url)
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        from extauthz.store.postgres import PostgresStore
+
+        return PostgresStore(url, timeout=timeout)
     if scheme == "memory":
         from extauthz.store.memory import MemoryStore
 
         return MemoryStore()
     raise ConfigError(
-        f"database URL scheme {scheme!r} is not supported: use sqlite:// or memory://"
+        f"database URL scheme {scheme!r} is not supported: use sqlite://, postgresql:// "
+        "or memory://"
     )

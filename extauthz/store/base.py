@@ -1,5 +1,5 @@
-"""The store interface: tenants, API keys, daily quota counts and the audit trail.
-SQLite implements it today, PostgreSQL later.
+"""The store interface: tenants, API keys, daily quota counts, the audit trail and usage.
+SQLite (the embedded default), PostgreSQL (shared by replicas) and memory implement it.
 
 Every method raises only our own errors (StoreError, ConflictError, Unknown*Error);
 driver exceptions never cross this interface.
@@ -8,7 +8,7 @@ driver exceptions never cross this interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from extauthz.auditchain import Anchor, AuditChain
 from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier, UsageRecord
@@ -171,6 +171,12 @@ class Store(abc.ABC):
     def list_audit(self, limit: int = 100, action: str | None = None) -> list[AuditEvent]:
         """The newest ``limit`` events (optionally of one action), oldest first."""
         return self.query_audit(action=action, limit=limit, newest_first=True)[::-1]
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Call ``callback`` soon after any process changes tenants or keys; returns a
+        function that stops it. None where the backend cannot push (callers poll
+        :meth:`revision`, which they do anyway as the bound)."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None: ...

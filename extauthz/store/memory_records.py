@@ -1,5 +1,5 @@
 """The memory store's records (quota counts, the audit chain, usage), mirroring
-sqlite_records.py so the contract suite holds for both."""
+sql_records.py so the contract suite holds for all of them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from extauthz.auditchain import Anchor, AuditChain
 from extauthz.errors import StoreError
 from extauthz.model import AuditEvent, UsageRecord
-from extauthz.store.sqlite_records import chain_rows
+from extauthz.store.sql_records import chain_rows
 
 
 class MemoryRecords:

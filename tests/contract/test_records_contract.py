@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from extauthz.audit import AuditLogger
-from extauthz.auditchain import AuditChain
 from extauthz.model import AuditEvent, Tenant, TenantTier, UsageRecord
-from extauthz.store import Store, open_store
+from extauthz.store import Store
 from extauthz.testing import ManualClock
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/t.db"
-    s = open_store(url)
-    s.audit_chain = AuditChain(b"c" * 32)
-    yield s
-    s.close()
 
 
 def usage(rid: str, **fields: object) -> UsageRecord:

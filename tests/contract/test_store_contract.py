@@ -1,8 +1,7 @@
-"""One suite, every store backend: memory:// and sqlite:// (PostgreSQL joins later)."""
+"""One suite, every store backend: memory://, sqlite:// and postgresql:// (conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,6 @@ import pytest
 from extauthz.errors import ConflictError, UnknownKeyError, UnknownTenantError
 from extauthz.model import APIKey, Tenant, TenantStatus, TenantTier
 from extauthz.store import Store, open_store
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/t.db"
-    s = open_store(url)
-    yield s
-    s.close()
 
 
 def tenant(name: str = "acme", tid: str = "t1") -> Tenant:

@@ -9,7 +9,7 @@ import pytest
 from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.authorizer import REASONS, Authorizer
 from extauthz.errors import StoreError
-from extauthz.keys import checksum
+from extauthz.keys import checksum, generate_key
 from extauthz.model import CheckInput, Decision
 from extauthz.tenants import TenantManager
 from extauthz.testing import CountingStore, ManualClock
@@ -224,6 +224,41 @@ def test_store_failure_is_503_fail_closed(
     decision = check(authorizer, x_api_key=acme_key[1])
     assert (decision.allowed, decision.status, decision.reason) == (False, 503, "store_unavailable")
     assert dict(decision.client_headers)["retry-after"] == "1"
+
+
+def test_cached_keys_keep_working_while_the_store_is_down_up_to_the_hard_age(
+    authorizer: Authorizer,
+    store: CountingStore,
+    clock: ManualClock,
+    acme_key: tuple[str, str],
+) -> None:
+    """Past the cache TTL (30 s) a known key whose lookup fails is still allowed from
+    the stale copy; past the hard age (300 s) it gets 503. An unknown key gets 503."""
+    assert check(authorizer, x_api_key=acme_key[1]).allowed
+    store.fail = StoreError("connection refused")
+    clock.advance(31)
+    assert check(authorizer, x_api_key=acme_key[1]).allowed
+    assert authorizer.resolver.stats["stale"] == 1
+    assert check(authorizer, x_api_key=generate_key("nk")).reason == "store_unavailable"
+    clock.advance(300)
+    assert check(authorizer, x_api_key=acme_key[1]).reason == "store_unavailable"
+    store.fail = None
+    assert check(authorizer, x_api_key=acme_key[1]).allowed
+
+
+def test_a_change_seen_in_the_store_also_drops_the_stale_copies(
+    authorizer: Authorizer,
+    store: CountingStore,
+    keys: APIKeyManager,
+    clock: ManualClock,
+    acme_key: tuple[str, str],
+) -> None:
+    """A key revoked (and noticed by refresh) is not revived by a later outage."""
+    assert check(authorizer, x_api_key=acme_key[1]).allowed
+    keys.revoke_key(acme_key[0])
+    authorizer.resolver.refresh()
+    store.fail = StoreError("connection refused")
+    assert check(authorizer, x_api_key=acme_key[1]).reason == "store_unavailable"
 
 
 def test_configured_header_names_are_used(resolver: KeyResolver, acme_key: tuple[str, str]) -> None:

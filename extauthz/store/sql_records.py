@@ -1,12 +1,12 @@
-"""SQLite: the append-mostly records (daily quota counts, the audit chain, usage),
-kept apart from the tenant and key tables in sqlite.py to keep each module small."""
+"""The append-mostly records (daily quota counts, the audit chain, usage) in SQL that
+SQLite and PostgreSQL both run; kept apart from the tenant and key tables (sql.py) to
+keep each module small. Placeholders are ``?``: the PostgreSQL cursor translates them."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Protocol
 
 from extauthz.auditchain import GENESIS, Anchor, AuditChain
 from extauthz.errors import StoreError
@@ -23,11 +23,30 @@ _USAGE_COLS = (
 )
 
 
-class SQLiteRecords:
+class Cursor(Protocol):
+    """The part of a DB-API cursor both stores use."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, args: Sequence[Any] = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, args: Sequence[Sequence[Any]], /) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class SQLRecords:
     audit_chain: AuditChain | None = None
 
-    def _tx(self, write: bool = False) -> AbstractContextManager[sqlite3.Cursor]:
-        raise NotImplementedError  # provided by SQLiteStore
+    def _tx(self, write: bool = False) -> AbstractContextManager[Cursor]:
+        raise NotImplementedError  # provided by the store
+
+    def _lock_chain(self, cur: Cursor) -> None:
+        """Inside a write transaction: hold the chain's head until commit, so appends
+        from several processes (replicas) number and chain one after another."""
 
     # ------------------------------------------------------------ quota counts
 
@@ -38,8 +57,9 @@ class SQLiteRecords:
             cur.executemany(
                 "INSERT INTO quota_counts (tenant_id, day, requests, tokens) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (tenant_id, day) DO UPDATE SET "
-                "requests = requests + excluded.requests, "
-                "tokens = MAX(0, tokens + excluded.tokens)",
+                "requests = quota_counts.requests + excluded.requests, "
+                "tokens = CASE WHEN quota_counts.tokens + excluded.tokens < 0 THEN 0 "
+                "ELSE quota_counts.tokens + excluded.tokens END",
                 [(t, d, r, k) for (t, d), (r, k) in changes.items()],
             )
 
@@ -58,10 +78,11 @@ class SQLiteRecords:
         with self._tx(write=True) as cur:
             return self._append_audit(cur, events)
 
-    def _append_audit(self, cur: sqlite3.Cursor, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+    def _append_audit(self, cur: Cursor, events: Sequence[AuditEvent]) -> list[AuditEvent]:
         """Inside the caller's write transaction: chain on the head, insert, move the head."""
         if not events:
             return []
+        self._lock_chain(cur)
         chain = self.audit_chain
         # Chain on the signed head, not on the last row: rows cut from the tail then
         # show as a gap even after later appends.
@@ -146,6 +167,7 @@ class SQLiteRecords:
         if chain is None:
             raise StoreError("the audit chain has no key: open the store through the Runtime")
         with self._tx(write=True) as cur:
+            self._lock_chain(cur)
             # Only a prefix can go: stop at the first row that must stay.
             keep = cur.execute("SELECT MIN(seq) FROM audit_events WHERE ts >= ?", (before,))
             first_kept = keep.fetchone()[0]
@@ -170,7 +192,6 @@ class SQLiteRecords:
         if not records:
             return 0
         with self._tx(write=True) as cur:
-            before = self._db_changes(cur)
             cur.executemany(
                 f"INSERT INTO usage_records ({_USAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "  # noqa: S608 - constant columns
                 "ON CONFLICT (request_id) DO UPDATE SET "
@@ -183,11 +204,7 @@ class SQLiteRecords:
                 "WHERE usage_records.incomplete = 1 AND excluded.incomplete = 0",
                 [_usage_values(r) for r in records],
             )
-            return self._db_changes(cur) - before
-
-    @staticmethod
-    def _db_changes(cur: sqlite3.Cursor) -> int:
-        return int(cur.execute("SELECT total_changes()").fetchone()[0])
+            return int(cur.rowcount)
 
     def query_usage(
         self,
@@ -262,14 +279,14 @@ def _unhex(text: str) -> bytes:
         return GENESIS
 
 
-def _anchor(cur: sqlite3.Cursor, kind: str) -> Anchor | None:
+def _anchor(cur: Cursor, kind: str) -> Anchor | None:
     row = cur.execute(
         "SELECT seq, hash, signature FROM audit_anchors WHERE kind = ?", (kind,)
     ).fetchone()
     return None if row is None else Anchor(int(row[0]), bytes(row[1]), bytes(row[2]))
 
 
-def _put_anchor(cur: sqlite3.Cursor, kind: str, anchor: Anchor) -> None:
+def _put_anchor(cur: Cursor, kind: str, anchor: Anchor) -> None:
     cur.execute(
         "INSERT INTO audit_anchors (kind, seq, hash, signature) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (kind) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
@@ -302,7 +319,8 @@ def _audit_event(row: Sequence[Any]) -> AuditEvent:
 
 
 def _usage_values(r: UsageRecord) -> tuple[Any, ...]:
-    return tuple(getattr(r, f) for f in UsageRecord.__slots__)
+    # `incomplete` as 0/1: an INTEGER column in both databases.
+    return (*(getattr(r, f) for f in UsageRecord.__slots__[:-1]), int(r.incomplete))
 
 
 def _usage(row: Sequence[Any]) -> UsageRecord:
