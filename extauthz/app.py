@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from opentelemetry import trace as otel_trace
 
 from extauthz.apikeys import APIKeyManager, KeyResolver
-from extauthz.audit import AuditLogger
+from extauthz.audit import LIMITS_DEGRADED, AuditLogger
 from extauthz.auditchain import AuditChain, audit_key
 from extauthz.authorizer import Authorizer
 from extauthz.bruteforce import BruteForceGuard
@@ -21,6 +21,7 @@ from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ConfigError, ExtauthzError, UnknownTenantError
 from extauthz.keys import Pepper, check_prefix
 from extauthz.limits.base import Counters
+from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.gate import LimitGate
 from extauthz.limits.memory import MemoryCounters
 from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
@@ -144,7 +145,14 @@ class Runtime:
         journal = None
         try:
             if settings.counters_url.startswith(("redis://", "rediss://")):
-                counters = RedisCounters(settings.counters_url, settings.lease_ttl)
+                counters = GuardedCounters(
+                    RedisCounters(
+                        settings.counters_url, settings.lease_ttl, timeout=settings.counters_timeout
+                    ),
+                    clock,
+                    replicas=settings.replicas,
+                    lease_ttl=settings.lease_ttl,
+                )
             else:
                 counters = MemoryCounters(clock, settings.lease_ttl)
                 journal = QuotaJournal(store, counters)
@@ -178,10 +186,22 @@ class Runtime:
             runtime.tracer = CheckTracer(provider, settings.trace_sample_ratio)
             # Also the global provider, for the seed-style `trace_function` decorator.
             otel_trace.set_tracer_provider(provider)
+        if isinstance(counters, GuardedCounters):
+            counters.on_change = runtime._counters_degraded
         resolver.on_change = runtime.metrics.revocation.observe
         resolver.on_lookup = runtime.metrics.store_latency.observe
         runtime.usage.policy = lambda: runtime.policy  # follows reloads
         return runtime
+
+    def _counters_degraded(self, started: bool, decisions: dict[str, int]) -> None:
+        """Audit when degraded mode starts, and when it ends with what it decided."""
+        self.audit.event(
+            LIMITS_DEGRADED,
+            "started" if started else "ended",
+            actor="system",
+            reason="counters_unreachable",
+            detail={"decisions": decisions} if not started else None,
+        )
 
     def authorizer(self) -> Authorizer:
         if self.settings.policy_file is not None:

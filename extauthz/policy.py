@@ -42,6 +42,9 @@ class Limits:
     shadow: bool = False  # would-deny is logged, counted and audited; the request passes
     key_rate_limit: RateLimit | None = None  # a bucket per key as well, when set
     tokens_per_day: int | None = None  # a daily token budget, when set
+    # With shared (Redis) counters out of reach: fail_closed (503 limits_unavailable),
+    # fail_open (allow, counted and audited) or local (this replica enforces limit/replicas).
+    on_counters_down: str = "local"
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,19 @@ def _limit_fields(r: _Reader, node: _Node, where: str) -> dict[str, Any]:
         "rate_limit": lambda n, w: _rate_limit(r, n, w),
         "key_rate_limit": lambda n, w: _rate_limit(r, n, w),
         "tokens_per_day": lambda n, w: r.integer(n, w, 0),
+        "on_counters_down": lambda n, w: _choice(r, n, w, COUNTERS_DOWN_MODES),
     }
     return {k: parsers[k](v, f"{where}.{k}") for k, v in fields.items()}
+
+
+COUNTERS_DOWN_MODES = ("fail_closed", "fail_open", "local")
+
+
+def _choice(r: _Reader, node: _Node, where: str, choices: tuple[str, ...]) -> str:
+    value = r.text(node, where)
+    if value not in choices:
+        raise r.error(node, f"{where} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def _rate_limit(r: _Reader, node: _Node, where: str) -> RateLimit:

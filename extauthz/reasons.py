@@ -48,6 +48,11 @@ REASONS: dict[str, Reason] = {
     "audit_unavailable": Reason(
         503, "The audit trail cannot be written, and this service requires it; retry shortly."
     ),
+    "limits_unavailable": Reason(
+        503,
+        "Limits cannot be checked right now, and this tier is not served without them; "
+        "retry shortly.",
+    ),
     "invalid_request": Reason(400, "The authorization request was incomplete or malformed."),
     "store_unavailable": Reason(503, "Authorization is temporarily unavailable; retry shortly."),
     "internal_error": Reason(503, "Authorization failed unexpectedly; retry shortly."),

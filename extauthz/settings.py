@@ -70,6 +70,8 @@ class Settings:
     log_level: str = "info"
     counters_url: str = "memory://"
     lease_ttl: float = 60.0  # a slot whose access-log entry never comes is freed after this
+    counters_timeout: float = 0.05  # each Redis call; then the tier's on_counters_down
+    replicas: int = 1  # how many servers share the counters: the local fallback's divisor
     flush_interval: float = 1.0  # daily counts and audit events reach the store this often
     usage_headers: tuple[str, ...] = ("x-usage-input-tokens", "x-usage-output-tokens")
     max_body_bytes: int = 1_048_576  # bodies Envoy sends for a max_tokens field; larger: 413
@@ -208,6 +210,8 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "als_addr": lambda v, w: str(v),
     "counters_url": _counters_url,
     "lease_ttl": _positive_duration,
+    "counters_timeout": _positive_duration,
+    "replicas": _positive_int,
     "flush_interval": _positive_duration,
     "usage_headers": _names,
     "max_body_bytes": _positive_int,

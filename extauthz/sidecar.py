@@ -18,6 +18,7 @@ from extauthz.app import Runtime
 from extauthz.audit import SECURITY_ALERT, sampled
 from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
+from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.quota import quota_window
 from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
@@ -135,6 +136,11 @@ class Sidecar:
                 str(runtime.settings.policy_file or "builtin"),
             ),
             in_flight=runtime.counters.leases_held,
+            degraded=lambda: (
+                (runtime.counters.breaker.is_open, dict(runtime.counters.degraded))
+                if isinstance(runtime.counters, GuardedCounters)
+                else (False, {})
+            ),
             quota_used=lambda: (
                 dict(self.authorizer.gate.quota_used) if self.authorizer.gate else {}
             ),

@@ -1,4 +1,5 @@
-"""The counter interface every limit backend implements (memory today, Redis next).
+"""The counter interface every limit backend implements (memory, Redis, and the
+degraded-mode guard around Redis).
 
 One call, :meth:`Counters.acquire`, checks every limit of a request and charges all of
 them, or none: a request refused by its daily quota must not also have drained its
@@ -46,6 +47,7 @@ class Verdict:
     tokens_today: int = 0
     rate_left: float = 0.0  # tokens left in the tenant's bucket
     in_flight: int = 0  # the tenant's held concurrency slots, this request's included
+    degraded: bool = False  # allowed unchecked: shared counters down, the tier fails open
 
 
 @dataclass(frozen=True, slots=True)

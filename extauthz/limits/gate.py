@@ -15,6 +15,7 @@ from collections import Counter
 
 from extauthz.audit import QUOTA_EXCEEDED, RATE_LIMITED, AuditLogger
 from extauthz.clock import SYSTEM_CLOCK, Clock
+from extauthz.errors import StoreError
 from extauthz.limits.base import CONCURRENT, DAY, KEY_RATE, RATE, TOKENS_DAY, Ask, Counters
 from extauthz.limits.declared import INVALID, declared_tokens
 from extauthz.limits.headers import allow_headers, deny_headers, whole_seconds
@@ -34,6 +35,7 @@ REASON_OF = {
     CONCURRENT: "concurrency_limit",
 }
 CAP_REASON = "token_limit_exceeded"
+UNAVAILABLE = "limits_unavailable"
 
 
 class LimitGate:
@@ -76,22 +78,31 @@ class LimitGate:
             )
         now = self.clock.now()
         day, day_ends_in = self.calendar.day(now, policy.timezone)
-        verdict = self.counters.acquire(
-            Ask(
-                principal.tenant_id,
-                principal.key_id,
-                request.request_id,
-                limits,
-                day,
-                cost,
-                tokens,
-                request.path.split("?", 1)[0][:256],
-                request.method[:16],
-                limits.cost_per_1k_tokens,
-                now,
+        try:
+            verdict = self.counters.acquire(
+                Ask(
+                    principal.tenant_id,
+                    principal.key_id,
+                    request.request_id,
+                    limits,
+                    day,
+                    cost,
+                    tokens,
+                    request.path.split("?", 1)[0][:256],
+                    request.method[:16],
+                    limits.cost_per_1k_tokens,
+                    now,
+                )
             )
-        )
+        except StoreError as exc:
+            # Shared counters down and the tier fails closed (or no guard around them).
+            held = self.throttle.admit(("limits_unavailable",))
+            if held is not None:
+                log.warning("limits unavailable, 503 (%d more since the last line): %s", held, exc)
+            return UNAVAILABLE
         if verdict.allowed:
+            if verdict.degraded:
+                return allowed  # fail_open: nothing was counted, so no RateLimit headers
             if limits.requests_per_day and len(self.quota_used) < 100_000:
                 self.quota_used[principal.tenant_id] = (
                     verdict.requests_today / limits.requests_per_day

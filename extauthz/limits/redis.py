@@ -15,6 +15,8 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from extauthz.clock import Clock
 from extauthz.errors import StoreError
@@ -43,8 +45,14 @@ class RedisCounters(Counters):
         self.lease_ttl = lease_ttl
         self.prefix = prefix
         try:
+            # Connecting is bounded like every call (a blackholed host must not hold a
+            # decision), and nothing is retried here: the breaker above decides.
             self.redis = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=max(timeout, 0.5)
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
             )
         except ValueError as exc:
             raise StoreError(f"bad Redis URL {url!r}: {exc}") from None

@@ -242,3 +242,19 @@ class SourcesCollector(Collector):
         yield GaugeMetricFamily(
             f"{self.ns}_concurrency_slots_held", "Concurrency slots held (leases)", value=held
         )
+
+    def _degraded(self, state: tuple[bool, dict[str, int]]) -> Iterator[Any]:
+        is_open, decisions = state
+        yield GaugeMetricFamily(
+            f"{self.ns}_counters_degraded",
+            "1 while the shared counters are unreachable and tiers follow on_counters_down",
+            value=1 if is_open else 0,
+        )
+        family = CounterMetricFamily(
+            f"{self.ns}_degraded_decisions",
+            "Decisions taken without the shared counters, by the tier's on_counters_down",
+            labels=["mode"],
+        )
+        for mode, count in sorted(decisions.items()):
+            family.add_metric([mode], count)
+        yield family
