@@ -17,7 +17,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "policy"
 # One fixture file per validation error, with the exact message it must produce.
 ERRORS = {
     "unknown_key.yaml": "3: unknown key 'concurent' in tiers.free (known: concurrent, "
-    "cost_per_1k_tokens, key_rate_limit, rate_limit, requests_per_day, shadow, "
+    "cost_per_1k_tokens, key_rate_limit, on_counters_down, rate_limit, requests_per_day, shadow, "
     "tokens_per_day, tokens_per_request)",
     "unknown_tier.yaml": "2: unknown key 'gold' in tiers (known: enterprise, free, "
     "professional, starter)",
