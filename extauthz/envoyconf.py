@@ -77,6 +77,10 @@ def _cluster(
                 "interval": "1s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
+                # Envoy's default (60 s) also applies after the first check if that ran
+                # before any traffic: a replica that dies then stays in rotation for up
+                # to a minute (envoyproxy/envoy#16724). Found by the replica-kill test.
+                "no_traffic_interval": "1s",
                 **health,
             }
         ]
