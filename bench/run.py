@@ -13,16 +13,27 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from bench import core
 from bench.load import check_request, cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
-from bench.setups import BENCH_TENANT, SETUPS, Running, Sidecar, bench_env
+from bench.setups import BENCH_TENANT, SETUPS, Running, Sidecar, bench_env, shared_env
 from extauthz.app import Runtime
 from extauthz.settings import load_settings
 
 RATE_CONNECTIONS, RATE_DELAY_MS = 4, 4.0  # about 1,000 req/s
+
+
+def bench_key(env: dict[str, str]) -> str:
+    """The bench tenant and a key for it, in the store ``env`` names."""
+    runtime = Runtime.open(load_settings(environ=env))
+    try:
+        tenant = runtime.tenants.create_tenant("bench", "enterprise", BENCH_TENANT)
+        return runtime.keys.create_key(tenant.id, "bench")[1]
+    finally:
+        runtime.close()
 
 
 def measure(
@@ -174,16 +185,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.rounds, args.seconds = 1, 2.0
     chosen = ["A"] + [s for s in args.setups.upper().split(",") if s in SETUPS and s != "A"]
-    with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         env = bench_env(workdir / "data")
         for item in args.sidecar_env:
             name, _, value = item.partition("=")
             env[name] = value
-        runtime = Runtime.open(load_settings(environ=env))
-        tenant = runtime.tenants.create_tenant("bench", "enterprise", BENCH_TENANT)
-        _, key = runtime.keys.create_key(tenant.id, "bench")
-        runtime.close()
+        shared = (
+            stack.enter_context(shared_env(env)) if any(s.endswith("R") for s in chosen) else {}
+        )
+        keys = {"": bench_key(env)}
+        if shared:
+            keys["R"] = bench_key(shared)
         rounds: list[dict[str, dict[str, Any]]] = []
         for number in range(1, args.rounds + 1):
             result: dict[str, dict[str, Any]] = {}
@@ -193,10 +206,13 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-                result[setup] = measure(setup, workdir, env, key, args.seconds)
+                kind = "R" if setup.endswith("R") else ""
+                result[setup] = measure(
+                    setup, workdir, shared if kind else env, keys[kind], args.seconds
+                )
             rounds.append(result)
         print("direct: the sidecar alone ...", file=sys.stderr, flush=True)
-        alone = direct(workdir, env, key, max(2.0, args.seconds / 2))
+        alone = direct(workdir, env, keys[""], max(2.0, args.seconds / 2))
     summary = summarize(rounds, chosen)
     micro = core.measure(5000 if args.quick else 20000)
     meta = {

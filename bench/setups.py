@@ -4,6 +4,7 @@ A  Envoy -> backend, no auth (the baseline every ratio is taken against)
 B  Envoy's in-process api_key_auth + local_ratelimit -> backend (the built-in alternative)
 C  Envoy + extauthz over gRPC -> backend
 D  Envoy + extauthz over the HTTP service -> backend
+CR, DR  the same with Redis counters and a PostgreSQL store (what replicas share)
 
 The backend is a second Envoy answering with direct_response, so it is never the limit
 (the run reports its req/s alone to show it).
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,12 @@ SETUPS = {
     # Optional: the same with `serve --workers 2`, two endpoints in Envoy's cluster.
     "C2": "Envoy + extauthz gRPC, 2 workers",
     "D2": "Envoy + extauthz HTTP, 2 workers",
+    # Shared backends: counters in Redis, store in PostgreSQL (see shared_env).
+    "CR": "Envoy + extauthz gRPC, Redis + PG",
+    "DR": "Envoy + extauthz HTTP, Redis + PG",
 }
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def backend_config() -> dict[str, Any]:
@@ -160,7 +169,7 @@ class Running:
 
     def __init__(self, setup: str, workdir: Path, env: dict[str, str], key: str) -> None:
         self.setup = setup
-        base, workers = setup[0], int(setup[1:] or 1)
+        base, workers = setup[0], int(setup[1:].rstrip("R") or 1)
         self.backend = EnvoyProcess(backend_config(), workdir / "backend", concurrency=1)
         self.sidecar: Sidecar | None = None
         self.front: EnvoyProcess | None = None
@@ -220,3 +229,23 @@ def bench_env(data_dir: Path) -> dict[str, str]:
     policy.write_text(BENCH_POLICY)
     env["EXTAUTHZ_POLICY_FILE"] = str(policy)
     return env
+
+
+@contextmanager
+def shared_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``env`` with Redis counters and a PostgreSQL store in a schema of its own
+    (dropped afterwards)."""
+    import psycopg
+
+    schema = "bench_" + secrets.token_hex(4)
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield {
+            **env,
+            "EXTAUTHZ_COUNTERS_URL": REDIS_URL,
+            "EXTAUTHZ_DATABASE_URL": f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
+        }
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -34,9 +34,14 @@ def promtool() -> str:
 def test_compose_parses_and_every_mounted_file_exists() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"extauthz", "envoy", "backend", "redis", "postgres", "prometheus", "grafana"} <= set(
-        services
-    )
+    replicas = {"extauthz-1", "extauthz-2", "extauthz-3"}
+    assert {*replicas, "extauthz-init", "envoy", "backend", "redis", "postgres"} <= set(services)
+    assert {"prometheus", "grafana"} <= set(services)
+    for name in replicas:  # one shared store and counters, and the divisor for `local`
+        env = services[name]["environment"]
+        assert env["EXTAUTHZ_DATABASE_URL"].startswith("postgresql://")
+        assert env["EXTAUTHZ_COUNTERS_URL"].startswith("redis://")
+        assert env["EXTAUTHZ_REPLICAS"] == str(len(replicas))
     mounts = [v.split(":")[0] for s in services.values() for v in s.get("volumes", [])]
     files = [m for m in mounts if m.startswith("./")]
     assert files
@@ -49,10 +54,10 @@ def test_compose_envoy_config_is_the_renderer_output_and_validates() -> None:
     expected = render(
         listen=("0.0.0.0", 8080),  # noqa: S104 - inside the compose network
         upstream=("backend", 8000),
-        authz=[("extauthz", 9001)],
+        authz=[(f"extauthz-{i}", 9001) for i in (1, 2, 3)],
         admin=("0.0.0.0", 9901),  # noqa: S104 - scraped by Prometheus in the network
         mode="grpc",
-        als=[("extauthz", 9003)],
+        als=[(f"extauthz-{i}", 9003) for i in (1, 2, 3)],
     )
     path = DEPLOY / "envoy" / "envoy.yaml"
     assert path.read_text() == to_yaml(expected)
