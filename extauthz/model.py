@@ -228,6 +228,7 @@ class Completion:
     response_bytes: int
     tokens_in: int | None  # the first usage header; None if the upstream sent none
     tokens_out: int | None  # the others, summed
+    tenant_id: str = ""  # the tenant Envoy logged for the request, if any
 
     @property
     def tokens(self) -> int | None:

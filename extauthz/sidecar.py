@@ -18,6 +18,7 @@ from extauthz.app import Runtime
 from extauthz.audit import SECURITY_ALERT, sampled
 from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
+from extauthz.limits.base import Release
 from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.quota import quota_window
 from extauthz.model import Completion
@@ -158,24 +159,28 @@ class Sidecar:
             "transports": (self.started, ", ".join(sorted(self.ports)) or "none"),
         }
 
-    def _finished(self, done: Completion) -> None:
-        """An access-log entry: free the slot, settle the tokens, bill the request."""
+    def _finished(self, batch: list[Completion]) -> None:
+        """Access-log entries: free the slots, settle the tokens, bill the requests."""
         runtime = self.runtime
-        settled = runtime.counters.release(done.request_id, done.tokens)
-        if settled is None:
-            return  # denied, public, or reported already: nothing to bill (again)
-        runtime.usage.add(completed(settled, done))
-        if sampled(runtime.policy.audit.sample_allowed):
-            runtime.audit.log_api_request(
-                settled.tenant_id,
-                settled.route,
-                settled.method,
-                done.status,
-                key_id=settled.key_id,
-                request_id=done.request_id[:128],
-                policy_version=runtime.policy.version,
-                detail={"latency_ms": round(done.latency_ms, 3)},
-            )
+        settled_all = runtime.counters.release_many(
+            [Release(d.request_id, d.tokens, d.tenant_id) for d in batch]
+        )
+        audit_share = runtime.policy.audit.sample_allowed
+        for done, settled in zip(batch, settled_all, strict=True):
+            if settled is None:
+                continue  # denied, public, or reported already: nothing to bill (again)
+            runtime.usage.add(completed(settled, done))
+            if sampled(audit_share):
+                runtime.audit.log_api_request(
+                    settled.tenant_id,
+                    settled.route,
+                    settled.method,
+                    done.status,
+                    key_id=settled.key_id,
+                    request_id=done.request_id[:128],
+                    policy_version=runtime.policy.version,
+                    detail={"latency_ms": round(done.latency_ms, 3)},
+                )
 
     def start(
         self,

@@ -9,6 +9,7 @@ token bucket. With Redis that is one Lua script; in memory, one lock.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extauthz.policy import Limits
@@ -66,6 +67,17 @@ class Settlement:
     request_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """One access-log entry's release: the lease, the reported tokens, and the tenant
+    Envoy logged for the request (empty if unknown), which lets shared counters find
+    the lease without a global index."""
+
+    lease_id: str
+    actual_tokens: int | None = None
+    tenant_id: str = ""
+
+
 class Counters(abc.ABC):
     url: str
 
@@ -80,6 +92,11 @@ class Counters(abc.ABC):
         """Free the slot held under ``lease_id`` and settle its reservation against
         ``actual_tokens`` (refund or overage). None if no such lease: a second release,
         or one after the lease expired, changes nothing."""
+
+    def release_many(self, releases: Sequence[Release]) -> list[Settlement | None]:
+        """:meth:`release` for a batch (one access-log message), in order; shared
+        backends do it in one round trip."""
+        return [self.release(r.lease_id, r.actual_tokens) for r in releases]
 
     @abc.abstractmethod
     def add_usage(self, tenant_id: str, day: str, requests: int = 0, tokens: int = 0) -> None:

@@ -21,11 +21,11 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import StoreError
-from extauthz.limits.base import Ask, Counters, Settlement, Verdict
+from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
 from extauthz.limits.memory import MemoryCounters
 from extauthz.policy import Limits, RateLimit
 
@@ -202,6 +202,21 @@ class GuardedCounters(Counters):
             return None
         self.breaker.success()
         return settled
+
+    def release_many(self, releases: Sequence[Release]) -> list[Settlement | None]:
+        results = self.local.release_many(releases)
+        rest = [i for i, settled in enumerate(results) if settled is None]
+        if not rest or not self.breaker.allow():
+            return results
+        try:
+            shared = self.shared.release_many([releases[i] for i in rest])
+        except StoreError:
+            self.breaker.failure()
+            return results
+        self.breaker.success()
+        for i, settled in zip(rest, shared, strict=True):
+            results[i] = settled
+        return results
 
     def add_usage(self, tenant_id: str, day: str, requests: int = 0, tokens: int = 0) -> None:
         self.shared.add_usage(tenant_id, day, requests, tokens)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from extauthz.limits.base import Ask, Counters
+from extauthz.limits.base import Ask, Counters, Release
 from extauthz.limits.memory import MemoryCounters
 from extauthz.model import TenantTier
 from extauthz.policy import DEFAULT_TIERS, Limits, RateLimit
@@ -187,6 +187,30 @@ def test_reserved_tokens_are_settled_against_the_reported_count(counters: Counte
     counters.acquire(dataclasses.replace(ask("c"), tokens=50))
     counters.release("c", None)
     assert counters.usage("t1", DAY) == (3, 600)
+
+
+def test_a_batch_release_settles_each_lease_once_with_or_without_the_tenant(
+    counters: Counters,
+) -> None:
+    """One access-log message's releases at once: with the tenant Envoy logged or
+    without it, each lease is freed and settled once; unknown ids and repeats in the
+    same batch change nothing; results keep the batch's order."""
+    for lease, tenant in (("a", "t1"), ("b", "t1"), ("c", "t2")):
+        counters.acquire(dataclasses.replace(ask(lease, tenant), tokens=100))
+    results = counters.release_many(
+        [
+            Release("a", 30, "t1"),
+            Release("b", None, ""),
+            Release("zz", 5, "t1"),
+            Release("c", 250, "t2"),
+            Release("a", 30, "t1"),
+        ]
+    )
+    assert [r.request_id if r else None for r in results] == ["a", "b", None, "c", None]
+    assert [r.actual if r else None for r in results] == [30, None, None, 250, None]
+    assert counters.usage("t1", DAY) == (2, 130)
+    assert counters.usage("t2", DAY) == (1, 250)
+    assert counters.in_flight("t1") == counters.in_flight("t2") == 0
 
 
 def test_daily_token_budget_counts_reservations(counters: Counters) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from extauthz.limits.base import Ask
+from extauthz.limits.base import Ask, Release
 from extauthz.limits.redis import RedisCounters
 from extauthz.policy import Limits, RateLimit
 from extauthz.testing import ManualClock
@@ -42,6 +42,28 @@ def test_scripts_flushed_by_a_restart_are_loaded_again(counters: RedisCounters) 
     assert verdict.allowed
     assert verdict.requests_today == 2
     assert counters.usage("t1", "2027-01-15") == (2, 20)
+
+
+def test_batched_releases_reload_scripts_redis_forgot(counters: RedisCounters) -> None:
+    """BAD_INPUTS #17 on the access-log path: after SCRIPT FLUSH a batch release loads
+    the script again and frees each lease exactly once."""
+    assert counters.acquire(ask("a")).allowed
+    assert counters.acquire(ask("b")).allowed
+    counters.redis.script_flush()
+    results = counters.release_many([Release("a", 4, "t1"), Release("b", None, "t1")])
+    assert [r.request_id if r else None for r in results] == ["a", "b"]
+    assert counters.in_flight("t1") == 0
+    assert counters.usage("t1", "2027-01-15") == (2, 14)
+    assert counters.release_many([Release("a", 4, "t1")]) == [None]
+
+
+def test_a_wrong_tenant_hint_frees_nothing(counters: RedisCounters) -> None:
+    """A forged x-tenant-id (a denied request's) cannot release another tenant's lease:
+    the lease is looked for under the named tenant only."""
+    assert counters.acquire(ask("a")).allowed
+    assert counters.release_many([Release("a", None, "t-other")]) == [None]
+    assert counters.in_flight("t1") == 1
+    assert counters.release("a") is not None  # the real release still finds it
 
 
 def test_every_key_has_a_ttl(counters: RedisCounters) -> None:

@@ -39,7 +39,9 @@ def message(*entries: Any) -> bytes:
 @pytest.fixture
 def receiver() -> Iterator[tuple[AccessLogReceiver, list[tuple[str, int | None, int]], Any]]:
     finished: list[tuple[str, int | None, int]] = []
-    rcv = AccessLogReceiver(lambda d: finished.append((d.request_id, d.tokens, d.status)), USAGE)
+    rcv = AccessLogReceiver(
+        lambda batch: finished.extend((d.request_id, d.tokens, d.status) for d in batch), USAGE
+    )
     server = GrpcServer([rcv.handler()], workers=2)
     port = server.bind("127.0.0.1:0")
     server.start()
@@ -67,6 +69,16 @@ def test_finished_requests_are_reported_with_their_token_usage(receiver: Any) ->
     assert rcv.entries == 2
 
 
+def test_requests_ext_authz_denied_are_skipped(receiver: Any) -> None:
+    """An entry flagged UAEX (denied by us) held no slot: it is not passed on, so it
+    costs the counters nothing."""
+    _, finished, call = receiver
+    denied = entry("d", 429)
+    denied.common_properties.response_flags.unauthorized_details.reason = 1  # EXTERNAL_SERVICE
+    call(iter([message(denied, entry("ok"))]), timeout=5)
+    assert finished == [("ok", None, 200)]
+
+
 def test_junk_message_is_invalid_argument(receiver: Any) -> None:
     """Bytes that are not a StreamAccessLogsMessage end that stream with
     INVALID_ARGUMENT, never UNKNOWN; the receiver keeps serving."""
@@ -79,18 +91,27 @@ def test_junk_message_is_invalid_argument(receiver: Any) -> None:
 
 
 def test_a_failing_entry_does_not_strand_the_rest(receiver: Any) -> None:
-    """If handling one entry raises, the later entries of the stream still release."""
+    """If reading one entry raises, the others of its message still release; if a
+    whole batch fails, the next message is still handled."""
     rcv, finished, call = receiver
-    original = rcv.finished
+    original_entry, original_finished = rcv._entry, rcv.finished
 
-    def flaky(done: Completion) -> None:
-        if done.request_id == "bad":
+    def flaky_entry(e: Any) -> Completion | None:
+        if e.request.request_id == "bad":
             raise RuntimeError("boom")
-        original(done)
+        return original_entry(e)
 
-    rcv.finished = flaky
-    call(iter([message(entry("bad"), entry("good"))]), timeout=5)
-    assert finished == [("good", None, 200)]
+    def flaky_finished(batch: list[Completion]) -> None:
+        if batch[0].request_id == "doomed":
+            raise RuntimeError("store down")
+        original_finished(batch)
+
+    rcv._entry, rcv.finished = flaky_entry, flaky_finished
+    call(
+        iter([message(entry("bad"), entry("good")), message(entry("doomed")), message(entry("x"))]),
+        timeout=5,
+    )
+    assert finished == [("good", None, 200), ("x", None, 200)]
 
 
 @pytest.mark.parametrize(
@@ -114,13 +135,14 @@ def test_usage_headers_are_read_strictly(headers: dict[str, str], expected: int 
 def test_latency_bytes_and_split_token_counts_come_from_the_entry() -> None:
     """Latency is Envoy's time to the last byte sent downstream; bytes are headers plus
     body each way; the first usage header is input tokens, the others output."""
-    seen: list[Completion] = []
-    rcv = AccessLogReceiver(seen.append, USAGE)
+    rcv = AccessLogReceiver(lambda batch: None, USAGE)
     e = entry("z", x_usage_input_tokens="7", x_usage_output_tokens="5")
     e.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(42)
     e.request.request_headers_bytes, e.request.request_body_bytes = 100, 20
     e.response.response_headers_bytes, e.response.response_body_bytes = 80, 300
-    rcv._entry(e)
-    (done,) = seen
+    e.request.request_headers["x-tenant-id"] = "t_acme"
+    done = rcv._entry(e)
+    assert done is not None
+    assert done.tenant_id == "t_acme"
     assert (done.latency_ms, done.request_bytes, done.response_bytes) == (42.0, 120, 380)
     assert (done.tokens_in, done.tokens_out, done.tokens) == (7, 5, 12)

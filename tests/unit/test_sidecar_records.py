@@ -26,7 +26,7 @@ def test_duplicate_access_log_entries_bill_once(tmp_path: Path) -> None:
     assert allowed.allowed
     done = Completion("rid-1", 200, 12.5, 300, 900, 100, 50)
     for _ in range(3):
-        sidecar._finished(done)
+        sidecar._finished([done])
     rt.flush()
     (record,) = rt.store.query_usage()
     assert (record.request_id, record.route, record.method) == ("rid-1", "/v1/chat", "POST")
