@@ -22,6 +22,7 @@ from redis.retry import Retry
 from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
+from extauthz.limits.pipeline import ScriptPipeline
 from extauthz.policy import Limits
 
 DAY_TTL = 3 * 86_400  # a day's counts outlive the day (yesterday's late settlements)
@@ -58,6 +59,9 @@ class RedisCounters(Counters):
         except ValueError as exc:
             raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
         self._acquire = self.redis.register_script(_script("acquire.lua"))
+        # A caller waits for the round trip in flight and then its own: at most two
+        # socket timeouts, or less when the first fails (queued calls fail with it).
+        self._checks = ScriptPipeline(self.redis, self._acquire, wait=max(2 * timeout, 0.1))
         self._release = self.redis.register_script(_script("release.lua"))
         self._release_tenant = self.redis.register_script(_script("release_tenant.lua"))
 
@@ -87,8 +91,7 @@ class RedisCounters(Counters):
                 ask.lease_id,
             ]
         )
-        reply = self._run(
-            self._acquire,
+        reply = self._checks.call(
             [
                 self._k(tenant, "bucket"),
                 self._k(tenant, f"key:{ask.key_id}"),
@@ -269,6 +272,7 @@ class RedisCounters(Counters):
         return 0  # per tenant only (in_flight): a global count would need a scan
 
     def close(self) -> None:
+        self._checks.close()
         self.redis.close()
 
 

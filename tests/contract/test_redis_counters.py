@@ -3,6 +3,7 @@ key, expired leases handed over for incomplete usage records."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from extauthz.testing import ManualClock
 
 pytestmark = pytest.mark.redis
 LIMITS = Limits(1000, 1000, 2, RateLimit(600, 100), 0.001)
+TEN_SLOTS = Limits(1000, 1000, 10, RateLimit(60000, 1000), 0.0)
 
 
 @pytest.fixture
@@ -64,6 +66,26 @@ def test_a_wrong_tenant_hint_frees_nothing(counters: RedisCounters) -> None:
     assert counters.release_many([Release("a", None, "t-other")]) == [None]
     assert counters.in_flight("t1") == 1
     assert counters.release("a") is not None  # the real release still finds it
+
+
+def test_concurrent_checks_share_round_trips_and_stay_exact(counters: RedisCounters) -> None:
+    """64 threads at once against 10 slots: exactly 10 win, and the 64 scripts went to
+    Redis in fewer round trips than calls (pipelined from one I/O thread)."""
+    barrier = threading.Barrier(64)
+    wins: list[bool] = []
+
+    def one(i: int) -> None:
+        barrier.wait(10)
+        wins.append(counters.acquire(Ask("t1", "k1", f"r{i}", TEN_SLOTS, "d")).allowed)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sum(wins) == 10
+    assert counters._checks.calls == 64
+    assert counters._checks.batches < 64
 
 
 def test_every_key_has_a_ttl(counters: RedisCounters) -> None:

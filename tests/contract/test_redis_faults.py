@@ -4,6 +4,7 @@ tier's on_counters_down, and the store's outage is survived by cached keys."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,6 +109,32 @@ def test_each_tier_follows_its_mode_within_the_budget_when_redis_fails(
     assert slowest < BUDGET, f"slowest decision {slowest * 1000:.0f} ms"
     assert stack.guard.breaker.is_open
     assert stack.guard.degraded["fail_open"] == 3
+
+
+@pytest.mark.redis
+def test_concurrent_checks_during_a_blackhole_stay_within_the_budget(stack: Stack) -> None:
+    """16 threads x 5 checks while Redis swallows everything: the first round trip
+    times out and the checks queued behind it fail with it, so none waits twice."""
+    assert stack.check(TenantTier.STARTER)[0].allowed
+    stack.proxy.set("drop")
+    times: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(5):
+            decision, took = stack.check(TenantTier.STARTER)
+            assert decision.allowed
+            with lock:
+                times.append(took)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(times) == 80
+    print(f"concurrent blackhole: slowest {max(times) * 1000:.1f} ms")
+    assert max(times) < BUDGET
 
 
 @pytest.mark.redis
