@@ -23,10 +23,11 @@ from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.quota import quota_window
 from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
+from extauthz.settings import Settings
 from extauthz.transport.als import AccessLogReceiver
 from extauthz.transport.grpc_authz import SERVICE as GRPC_SERVICE
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
-from extauthz.transport.http_authz import HttpAuthzThread
+from extauthz.transport.http_authz import GREENLETS, INLINE, THREADS, HttpAuthzThread
 from extauthz.transport.ops import OpsServer
 from extauthz.usage import completed, incomplete
 from extauthz.webhooks import WebhookDispatcher
@@ -96,6 +97,17 @@ class Upkeep(threading.Thread):
             self.runtime.resolver.flush_last_used()
         except ExtauthzError as exc:
             log.warning("could not write last-used times on stop: %s", exc)
+
+
+def http_waits(settings: Settings) -> str:
+    """Where HTTP-service checks wait (transport/http_authz.py): inline unless they make
+    network round trips (Redis counters, a PostgreSQL store)."""
+    remote = settings.counters_url.startswith(("redis://", "rediss://")) or (
+        settings.db_url.startswith("postgres")
+    )
+    if not remote:
+        return INLINE
+    return THREADS if settings.audit_blocking else GREENLETS
 
 
 class Sidecar:
@@ -205,7 +217,7 @@ class Sidecar:
                 self.http = HttpAuthzThread(
                     self.authorizer,
                     self.authorizer.metrics,
-                    offload=settings.counters_url.startswith(("redis://", "rediss://")),
+                    waits=http_waits(settings),
                 )
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from

@@ -12,22 +12,27 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from redis.commands.core import Script
 
+from extauthz import suspend
 from extauthz.errors import StoreError
 
 log = logging.getLogger("extauthz.limits")
 
 
 class _Call:
-    __slots__ = ("answered", "args", "cancelled", "done", "error", "keys", "result")
+    __slots__ = ("answered", "args", "cancelled", "done", "error", "keys", "on_done", "result")
 
-    def __init__(self, keys: list[str], args: list[Any]) -> None:
+    def __init__(
+        self, keys: list[str], args: list[Any], on_done: Callable[[_Call], None] | None = None
+    ) -> None:
         self.keys = keys
         self.args = args
+        self.on_done = on_done
         self.done = threading.Event()
         self.result: Any = None
         self.error: StoreError | None = None
@@ -40,7 +45,8 @@ class _Call:
 
 
 class ScriptPipeline:
-    """Runs ``script`` for each caller, batching callers that wait at the same time."""
+    """Runs ``script`` for each caller, batching the calls that wait at the same time
+    into one round trip."""
 
     def __init__(
         self, client: redis.Redis, script: Script, wait: float, max_batch: int = 128
@@ -57,21 +63,40 @@ class ScriptPipeline:
         self._thread = threading.Thread(target=self._run, name="extauthz-redis", daemon=True)
         self._thread.start()
 
-    def call(self, keys: list[str], args: list[Any]) -> Any:
-        call = _Call(keys, args)
+    def submit(
+        self, keys: list[str], args: list[Any], on_done: Callable[[_Call], None] | None = None
+    ) -> _Call:
+        """Queue a call; ``on_done(call)`` runs on the I/O thread when it is answered."""
+        call = _Call(keys, args, on_done)
         with self._ready:
             if self._closed:
                 raise StoreError("Redis counters are closed")
             self._queue.append(call)
             self._ready.notify()
+        return call
+
+    def call(self, keys: list[str], args: list[Any]) -> Any:
+        """The script's reply, waiting for it (from an event loop: without blocking it,
+        see suspend.py)."""
+        submitted: list[_Call] = []
+        outcome = suspend.until(
+            lambda deliver: submitted.append(self.submit(keys, args, deliver)), self.wait
+        )
+        if outcome is suspend.NOT_SUSPENDABLE:
+            return self.result(self.submit(keys, args))
+        if outcome is suspend.TIMED_OUT:
+            submitted[0].cancelled = True
+            raise StoreError(f"Redis counters did not answer within {self.wait * 1000:.0f} ms")
+        return _reply(outcome)
+
+    def result(self, call: _Call) -> Any:
+        """Block until ``call`` is answered (at most ``wait``); its reply or StoreError."""
         if not call.done.wait(self.wait):
             # Not sent yet: it never will be. Already sent: it may still be charged (a
             # slot that then expires by its lease; a request counted once too often).
             call.cancelled = True
             raise StoreError(f"Redis counters did not answer within {self.wait * 1000:.0f} ms")
-        if call.error is not None:
-            raise call.error
-        return call.result
+        return _reply(call)
 
     def _run(self) -> None:
         while True:
@@ -104,7 +129,7 @@ class ScriptPipeline:
                 waiting, self._queue = list(self._queue), deque()
             for call in waiting:
                 call.fail(error)
-                call.done.set()
+                _finish(call)
             for call in batch:
                 call.fail(error)
         except Exception as exc:  # never leave a caller waiting for nothing
@@ -113,7 +138,7 @@ class ScriptPipeline:
                 call.fail(StoreError(f"Redis counters failed: {type(exc).__name__}"))
         for call in batch:
             call.fail(StoreError("Redis counters failed: no reply"))  # if still unanswered
-            call.done.set()
+            _finish(call)
 
     def _round_trip(self, calls: list[_Call]) -> list[_Call]:
         """One pipelined round trip; returns the calls Redis had no script for (they
@@ -137,3 +162,18 @@ class ScriptPipeline:
             self._closed = True
             self._ready.notify()
         self._thread.join(timeout=2.0)
+
+
+def _reply(call: _Call) -> Any:
+    if call.error is not None:
+        raise call.error
+    return call.result
+
+
+def _finish(call: _Call) -> None:
+    call.done.set()
+    if call.on_done is not None:
+        try:
+            call.on_done(call)
+        except Exception:
+            log.exception("Redis reply callback failed")

@@ -29,6 +29,7 @@ import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
+from extauthz import suspend
 from extauthz.errors import ConfigError, ConflictError, StoreError
 from extauthz.model import APIKey, Tenant
 from extauthz.store.sql import LOOKUP, SQLStore
@@ -257,6 +258,10 @@ class PostgresStore(SQLStore):
 
     def lookup(self, key_hash: bytes) -> tuple[APIKey, Tenant] | None:
         future = self._lookups.submit(self._lookup, key_hash)
+        # On the HTTP service's event loop the check yields while this runs (suspend.py).
+        outcome = suspend.until(future.add_done_callback, self.timeout)
+        if outcome is suspend.TIMED_OUT:
+            raise StoreError(f"PostgreSQL key lookup took over {self.timeout:g} s")
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:

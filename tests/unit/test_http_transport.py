@@ -189,7 +189,7 @@ def test_offloaded_checks_do_not_stall_other_connections(
     connection stay in order."""
     import threading
 
-    server = HttpAuthzThread(authorizer, offload=True)
+    server = HttpAuthzThread(authorizer, waits="threads")
     port = server.start("127.0.0.1", 0)
     store.gate = threading.Event()
     try:

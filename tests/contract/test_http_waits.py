@@ -1,0 +1,64 @@
+"""HTTP-service checks that wait on Redis yield the event loop (suspend.py): a slow
+round trip holds up only its own request, never another connection's answer."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from extauthz.app import Runtime
+from extauthz.model import TenantTier
+from extauthz.settings import Settings
+from extauthz.transport.http_authz import GREENLETS, HttpAuthzThread
+from tests.faultproxy import fault_proxy
+from tests.unit.test_http_transport import exchange, request
+
+pytestmark = pytest.mark.redis
+
+
+def test_a_slow_redis_round_trip_does_not_stall_other_connections(tmp_path: Path) -> None:
+    with fault_proxy("127.0.0.1", 6379) as proxy:
+        runtime = Runtime.open(
+            Settings(
+                data_dir=tmp_path,
+                counters_url=f"redis://127.0.0.1:{proxy.port}/0",
+                counters_timeout=1.0,
+                metrics_addr="off",
+            )
+        )
+        runtime.counters.shared.prefix = f"t{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+        tenant = runtime.tenants.create_tenant("acme", TenantTier.STARTER)
+        key = runtime.keys.create_key(tenant.id)[1]
+        server = HttpAuthzThread(runtime.authorizer(), waits=GREENLETS)
+        port = server.start("127.0.0.1", 0)
+        try:
+            assert (
+                exchange(port, request("/v1", f"x-api-key: {key}", "connection: close"))[:15]
+                == b"HTTP/1.1 200 OK"
+            )
+            proxy.set("delay", delay=0.3)
+            finished: dict[str, float] = {}
+
+            def slow() -> None:
+                reply = exchange(port, request("/v1", f"x-api-key: {key}", "connection: close"))
+                assert reply.startswith(b"HTTP/1.1 200 OK")
+                finished["slow"] = time.monotonic()
+
+            started = time.monotonic()
+            waiting = threading.Thread(target=slow)
+            waiting.start()
+            time.sleep(0.05)  # the slow check is now waiting on Redis
+            fast = exchange(port, request("/v1", "connection: close"))
+            finished["fast"] = time.monotonic()
+            waiting.join(10)
+            assert fast.startswith(b"HTTP/1.1 401 ")
+            assert finished["fast"] < finished["slow"]
+            assert finished["fast"] - started < 0.25  # not behind the 600 ms round trip
+        finally:
+            proxy.set("pass")
+            server.stop(1)
+            runtime.close()
