@@ -86,7 +86,9 @@ class WebhookDispatcher:
     def poll(self) -> int:
         """Queue a delivery for each new matching event; returns how many."""
         hooks = self.policy().webhooks
-        if not hooks:
+        # With replicas on one database, one of them sends (the others keep their
+        # cursor at the head, ready to take over).
+        if not hooks or not self.store.try_lead("webhooks"):
             # Nothing to send: skip ahead without reading the rows (at thousands of
             # events a second, reading them back cost more than writing them).
             head = self.store.audit_head()

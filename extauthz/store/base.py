@@ -172,6 +172,12 @@ class Store(abc.ABC):
         """The newest ``limit`` events (optionally of one action), oldest first."""
         return self.query_audit(action=action, limit=limit, newest_first=True)[::-1]
 
+    def try_lead(self, role: str) -> bool:
+        """Whether this process should do ``role`` (a job one process at a time does,
+        such as sending webhooks) now. Processes sharing a database elect one; alone,
+        always True."""
+        return True
+
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None] | None:
         """Call ``callback`` soon after any process changes tenants or keys; returns a
         function that stops it. None where the backend cannot push (callers poll

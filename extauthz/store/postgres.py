@@ -16,6 +16,7 @@ StoreError (the caller answers 503): a stalled database never holds a decision l
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import logging
 import re
 import threading
@@ -204,6 +205,8 @@ class PostgresStore(SQLStore):
             self._pool.open(wait=True, timeout=open_timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from None
+        self._leading: dict[str, psycopg.Connection[Any]] = {}
+        self._leading_lock = threading.Lock()
         # Lookups run here so the hot path can stop waiting on a stalled database.
         self._lookups = concurrent.futures.ThreadPoolExecutor(
             max_workers=pool_size, thread_name_prefix="extauthz-pg"
@@ -272,6 +275,34 @@ class PostgresStore(SQLStore):
             row = cur.execute(self._lookup_sql, (key_hash,)).fetchone()
         return self._found(row)
 
+    def try_lead(self, role: str) -> bool:
+        """A session-level advisory lock per role, held on a connection of its own: the
+        replica holding it leads until it dies (PostgreSQL then frees the lock and the
+        next replica to ask takes over)."""
+        with self._leading_lock:
+            conn = self._leading.get(role)
+            try:
+                if conn is not None and not conn.closed:
+                    conn.execute("SELECT 1")  # still ours while the session lives
+                    return True
+                conn = psycopg.connect(self._conninfo, autocommit=True, **self._options)
+                row = conn.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (_role_lock(role),)
+                ).fetchone()
+            except psycopg.Error as exc:
+                log.warning("leader election for %s: %s", role, _message(exc))
+                self._leading.pop(role, None)
+                if conn is not None:
+                    conn.close()
+                return False
+            if row is not None and row[0]:
+                self._leading[role] = conn
+                log.info("this replica now leads %s", role)
+                return True
+            conn.close()
+            self._leading.pop(role, None)
+            return False
+
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
         stop = threading.Event()
 
@@ -301,10 +332,17 @@ class PostgresStore(SQLStore):
         return unsubscribe
 
     def close(self) -> None:
+        for conn in getattr(self, "_leading", {}).values():
+            conn.close()
         lookups = getattr(self, "_lookups", None)
         if lookups is not None:
             lookups.shutdown(wait=False, cancel_futures=True)
         self._pool.close()
+
+
+def _role_lock(role: str) -> int:
+    """A stable 63-bit advisory lock key for a role name."""
+    return int.from_bytes(hashlib.sha256(b"extauthz-role:" + role.encode()).digest()[:8]) >> 1
 
 
 def _message(exc: psycopg.Error) -> str:

@@ -111,3 +111,20 @@ def test_sqlite_has_no_push_and_callers_poll(tmp_path: Path) -> None:
         assert store.subscribe(lambda: None) is None
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_one_replica_leads_a_role_and_another_takes_over_when_it_goes() -> None:
+    """try_lead: one of two stores on the database leads (webhooks are sent once, not
+    once per replica); when the leader closes, the other takes over."""
+    with pg_schema() as url:
+        first, second = open_store(url), open_store(url)
+        try:
+            assert first.try_lead("webhooks")
+            assert first.try_lead("webhooks")  # still ours
+            assert not second.try_lead("webhooks")
+            assert second.try_lead("retention")  # roles are independent
+            first.close()
+            assert second.try_lead("webhooks")
+        finally:
+            second.close()
