@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from extauthz.errors import ConflictError, UnknownKeyError, UnknownTenantError
+from extauthz.errors import ConflictError, StoreError, UnknownKeyError, UnknownTenantError
 from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier
 from extauthz.store.base import Store
 from extauthz.store.sql_records import Cursor, SQLRecords
@@ -64,6 +64,26 @@ def _decode_placeholder() -> tuple[APIKey, Tenant]:
 
 class SQLStore(SQLRecords, Store):
     _lookup_sql = LOOKUP.format(h="?")
+
+    @staticmethod
+    def _run_migrations(cur: Cursor, migrations: Sequence[str]) -> None:
+        """Inside the caller's write transaction: bring the schema to the newest version
+        (each entry migrates from version i to i+1), or refuse a newer database."""
+        cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = cur.execute("SELECT version FROM schema_version").fetchone()
+        current = 0 if row is None else int(row[0])
+        if current > len(migrations):
+            raise StoreError(
+                f"database schema version {current} is newer than this extauthz "
+                f"({len(migrations)}): upgrade extauthz"
+            )
+        for script in migrations[current:]:
+            for statement in filter(str.strip, script.split(";")):
+                cur.execute(statement)
+        if row is None:
+            cur.execute("INSERT INTO schema_version VALUES (?)", (len(migrations),))
+        else:
+            cur.execute("UPDATE schema_version SET version = ?", (len(migrations),))
 
     def _bump(self, cur: Cursor) -> None:
         cur.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")

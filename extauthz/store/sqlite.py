@@ -146,21 +146,7 @@ class SQLiteStore(SQLStore):
 
     def _migrate(self) -> None:
         with self._tx(write=True) as cur:
-            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = cur.execute("SELECT version FROM schema_version").fetchone()
-            current = 0 if row is None else int(row[0])
-            if current > len(MIGRATIONS):
-                raise StoreError(
-                    f"database schema version {current} is newer than this extauthz "
-                    f"({len(MIGRATIONS)}): upgrade extauthz"
-                )
-            for script in MIGRATIONS[current:]:
-                for statement in filter(str.strip, script.split(";")):
-                    cur.execute(statement)
-            if row is None:
-                cur.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
-            else:
-                cur.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+            self._run_migrations(cur, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:

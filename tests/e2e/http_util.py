@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 from dataclasses import dataclass
 
 
@@ -51,3 +52,24 @@ def raw_status(port: int, request: bytes) -> int:
                 break
             data += chunk
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+
+
+def at_once(port: int, n: int, path: str, key: str) -> list[Reply]:
+    """n requests released together by a barrier, each on its own connection."""
+    barrier = threading.Barrier(n)
+    replies: list[Reply] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        barrier.wait(30)
+        reply = get(port, path, [("x-api-key", key)])
+        with lock:
+            replies.append(reply)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(replies) == n
+    return replies

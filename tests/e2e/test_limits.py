@@ -21,7 +21,7 @@ import pytest
 from extauthz.model import TenantTier
 from tests.e2e.backends import TestBackend
 from tests.e2e.conftest import Stack, running_stack, wait_until
-from tests.e2e.http_util import Reply, get
+from tests.e2e.http_util import Reply, at_once, get
 
 pytestmark = pytest.mark.e2e
 
@@ -59,27 +59,6 @@ def key_for(stack: Stack, tenant_id: str) -> str:
     return stack.runtime.keys.create_key(tenant_id, "e2e")[1]
 
 
-def at_once(stack: Stack, n: int, path: str, key: str) -> list[Reply]:
-    """n requests released together by a barrier, each on its own connection."""
-    barrier = threading.Barrier(n)
-    replies: list[Reply] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        barrier.wait(10)
-        reply = get(stack.port, path, [("x-api-key", key)])
-        with lock:
-            replies.append(reply)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(replies) == n
-    return replies
-
-
 def error(reply: Reply) -> str:
     return str(reply.json()["error"])
 
@@ -91,7 +70,7 @@ def test_100_concurrent_against_5_slots_exactly_5_reach_a_slow_backend(limited: 
     key = key_for(limited, "t_conc")
     backend.hold()
     done: list[list[Reply]] = []
-    runner = threading.Thread(target=lambda: done.append(at_once(limited, 100, "/slow", key)))
+    runner = threading.Thread(target=lambda: done.append(at_once(limited.port, 100, "/slow", key)))
     runner.start()
     wait_until(lambda: backend.holding == 5, 10)
     time.sleep(0.3)  # any wrongly admitted 6th would arrive within this
@@ -109,7 +88,7 @@ def test_100_concurrent_against_5_slots_exactly_5_reach_a_slow_backend(limited: 
 def test_100_concurrent_against_a_daily_quota_of_5(limited: Stack) -> None:
     """Exactly 5 pass; the rest get 429 daily_quota_exceeded with Retry-After counting
     down to 00:00 UTC."""
-    replies = at_once(limited, 100, "/fast", key_for(limited, "t_quota"))
+    replies = at_once(limited.port, 100, "/fast", key_for(limited, "t_quota"))
     assert Counter(r.status for r in replies) == {200: 5, 429: 95}
     denied = next(r for r in replies if r.status == 429)
     assert error(denied) == "daily_quota_exceeded"
@@ -123,7 +102,7 @@ def test_100_concurrent_against_a_daily_quota_of_5(limited: Stack) -> None:
 def test_100_concurrent_against_a_burst_of_5_with_ratelimit_headers(limited: Stack) -> None:
     """Exactly 5 pass, carrying RateLimit headers to the client; the 95 others get 429
     rate_limited naming the burst policy, r=0 and a whole-second Retry-After."""
-    replies = at_once(limited, 100, "/fast", key_for(limited, "t_rate"))
+    replies = at_once(limited.port, 100, "/fast", key_for(limited, "t_rate"))
     assert Counter(r.status for r in replies) == {200: 5, 429: 95}
     allowed = next(r for r in replies if r.status == 200)
     assert allowed.headers["ratelimit-policy"] == '"burst";q=5;w=300, "daily";q=1000000;w=86400'

@@ -22,7 +22,7 @@ from extauthz.model import TenantTier
 from extauthz.settings import load_settings
 from tests.e2e.backends import TestBackend
 from tests.e2e.conftest import extauthz_cmd, sidecar_env, start_sidecar_ports, stop, wait_until
-from tests.e2e.http_util import Reply, get
+from tests.e2e.http_util import Reply, at_once, get
 from tests.pg import pg_schema
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.postgres]
@@ -92,27 +92,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             runtime.close()
         # Every replica still alive at the end stops cleanly (the killed one: -9).
         assert all(code in (0, -9) for code in codes), codes
-
-
-def at_once(port: int, n: int, path: str, key: str) -> list[Reply]:
-    """n requests released together by a barrier, each on its own connection."""
-    barrier = threading.Barrier(n)
-    replies: list[Reply] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        barrier.wait(30)
-        reply = get(port, path, [("x-api-key", key)])
-        with lock:
-            replies.append(reply)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(replies) == n
-    return replies
 
 
 def test_300_concurrent_against_50_slots_exactly_50_across_3_replicas(cluster: Cluster) -> None:
