@@ -103,11 +103,17 @@ class RetentionRules:
     audit_days: int = 400
 
 
+# Without Redis, free traffic is refused (it must not reach the backend unlimited) and
+# enterprise traffic is served (a paying customer's outage costs more than overuse).
 DEFAULT_TIERS: dict[TenantTier, Limits] = {
-    TenantTier.FREE: Limits(1_000, 4_096, 5, RateLimit(60, 10), 0.0),
+    TenantTier.FREE: Limits(
+        1_000, 4_096, 5, RateLimit(60, 10), 0.0, on_counters_down="fail_closed"
+    ),
     TenantTier.STARTER: Limits(10_000, 8_192, 10, RateLimit(600, 50), 0.002),
     TenantTier.PROFESSIONAL: Limits(100_000, 32_768, 50, RateLimit(3_000, 200), 0.0015),
-    TenantTier.ENTERPRISE: Limits(1_000_000, 131_072, 500, RateLimit(30_000, 1_000), 0.001),
+    TenantTier.ENTERPRISE: Limits(
+        1_000_000, 131_072, 500, RateLimit(30_000, 1_000), 0.001, on_counters_down="fail_open"
+    ),
 }
 
 
