@@ -62,6 +62,8 @@ def until(register: Callable[[Deliver], None], timeout: float) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(resume, value)
 
-    timer = loop.call_later(timeout, resume, TIMED_OUT)
+    # The answer cannot arrive before the timer exists: resume() runs on this thread,
+    # after the switch below. A register() that raises leaves no timer behind.
     register(deliver)
+    timer = loop.call_later(timeout, resume, TIMED_OUT)
     return parent.switch()  # back to the loop until resume() switches here
