@@ -192,19 +192,22 @@ class PostgresStore(SQLStore):
             "options": options.strip(),
             "application_name": given.get("application_name") or "extauthz",
         }
+        self._pool = psycopg_pool.ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=pool_size,
+            kwargs=self._options,
+            timeout=max(timeout, 2.0),
+            name="extauthz",
+            open=False,
+        )
         try:
-            self._pool = psycopg_pool.ConnectionPool(
-                self._conninfo,
-                min_size=1,
-                max_size=pool_size,
-                kwargs=self._options,
-                timeout=max(timeout, 2.0),
-                name="extauthz",
-                open=False,
-            )
             self._pool.open(wait=True, timeout=open_timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise StoreError(f"cannot connect to PostgreSQL at {redact(url)}: {exc}") from None
+            self._pool.close()  # its workers would keep trying in the background
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {redact(url)}: {self._why_not(exc)}"
+            ) from None
         self._leading: dict[str, psycopg.Connection[Any]] = {}
         self._leading_lock = threading.Lock()
         # Lookups run here so the hot path can stop waiting on a stalled database.
@@ -216,6 +219,14 @@ class PostgresStore(SQLStore):
         except BaseException:
             self.close()
             raise
+
+    def _why_not(self, exc: Exception) -> str:
+        """The driver's own reason (the pool only says it timed out)."""
+        try:
+            psycopg.connect(self._conninfo, **self._options).close()
+        except psycopg.Error as direct:
+            return str(direct).strip().splitlines()[0]
+        return str(exc)
 
     @contextmanager
     def _tx(self, write: bool = False, timeout: float | None = None) -> Iterator[_Cursor]:

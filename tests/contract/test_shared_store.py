@@ -128,3 +128,15 @@ def test_one_replica_leads_a_role_and_another_takes_over_when_it_goes() -> None:
             assert second.try_lead("webhooks")
         finally:
             second.close()
+
+
+def test_an_unreachable_database_is_a_clear_error_without_the_password() -> None:
+    """Nothing listens on port 1: StoreError says why, and the password is masked."""
+    from extauthz.errors import StoreError
+    from extauthz.store.postgres import PostgresStore
+
+    with pytest.raises(StoreError) as err:
+        PostgresStore("postgresql://u:hunter2@127.0.0.1:1/db", open_timeout=0.5)
+    assert "Connection refused" in str(err.value)
+    assert "hunter2" not in str(err.value)
+    assert "u:***@127.0.0.1:1" in str(err.value)
