@@ -165,8 +165,12 @@ class Sidecar:
             store = (True, self.runtime.store.url.split("://", 1)[0])
         except ExtauthzError as exc:
             store = (False, str(exc))
+        counters = self.runtime.counters
+        degraded = isinstance(counters, GuardedCounters) and counters.breaker.is_open
         return {
             "store": store,
+            # Still ready while degraded: every tier has an answer (on_counters_down).
+            "counters": (True, counters.url.split("://", 1)[0] + (" degraded" if degraded else "")),
             "policy": (True, self.runtime.policy.version),
             "transports": (self.started, ", ".join(sorted(self.ports)) or "none"),
         }

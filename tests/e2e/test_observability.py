@@ -124,6 +124,7 @@ def test_health_endpoints_and_grpc_health(observed: tuple[Stack, int, int]) -> N
     assert status == 200
     assert {name for name, check in json.loads(body).items() if check["ok"]} == {
         "store",
+        "counters",
         "policy",
         "transports",
     }
