@@ -96,6 +96,7 @@ class Stack:
     made: list[str] = field(default_factory=list)
     keys_made: list[str] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)  # the sidecar's, by name
+    mode: str = "grpc"  # how Envoy calls the sidecar: grpc or http
 
     def new_key(self, tier: TenantTier = TenantTier.STARTER) -> tuple[str, str, str]:
         """A fresh tenant and key: (tenant_id, key_id, key). Made in this test process, which
@@ -184,6 +185,7 @@ def running_stack(
             envoy,
             data / "sidecar.log",
             ports=ports,
+            mode=mode,
         )
     finally:
         envoy.stop()
