@@ -57,6 +57,7 @@ class Breaker:
         self._errors = 0
         self._retry_at = 0.0
         self._probing = False
+        self._last_cause: object = None
         self._lock = threading.Lock()
 
     def allow(self) -> bool:
@@ -78,8 +79,14 @@ class Breaker:
         if changed and self.on_change is not None:
             self.on_change(False)
 
-    def failure(self) -> None:
+    def failure(self, cause: object = None) -> None:
+        """Count a failed call; calls that failed together (one failed round trip shares
+        its ``cause``) count once, so one slow round trip under load opens nothing."""
         with self._lock:
+            if cause is not None and cause is self._last_cause:
+                self._probing = False
+                return
+            self._last_cause = cause
             self._errors += 1
             self._probing = False
             if self._errors < self.failures and not self.is_open:
@@ -162,7 +169,7 @@ class GuardedCounters(Counters):
             try:
                 verdict = self.shared.acquire(ask)
             except StoreError as exc:
-                self.breaker.failure()
+                self.breaker.failure(exc)
                 log.debug("shared counters failed: %s", exc)
             except BaseException:
                 self.breaker.failure()  # a half-open probe must not stay claimed
@@ -197,8 +204,8 @@ class GuardedCounters(Counters):
             return settled
         try:
             settled = self.shared.release(lease_id, actual_tokens)
-        except StoreError:
-            self.breaker.failure()
+        except StoreError as exc:
+            self.breaker.failure(exc)
             return None
         self.breaker.success()
         return settled
@@ -210,8 +217,8 @@ class GuardedCounters(Counters):
             return results
         try:
             shared = self.shared.release_many([releases[i] for i in rest])
-        except StoreError:
-            self.breaker.failure()
+        except StoreError as exc:
+            self.breaker.failure(exc)
             return results
         self.breaker.success()
         for i, settled in zip(rest, shared, strict=True):

@@ -54,10 +54,13 @@ def raw_status(port: int, request: bytes) -> int:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
 
 
-def at_once(port: int, n: int, path: str, key: str) -> list[Reply]:
-    """n requests released together by a barrier, each on its own connection."""
+def at_once(
+    port: int, n: int, path: str, key: str, replies: list[Reply] | None = None
+) -> list[Reply]:
+    """n requests released together by a barrier, each on its own connection; pass
+    ``replies`` to watch them arrive from another thread."""
     barrier = threading.Barrier(n)
-    replies: list[Reply] = []
+    replies = [] if replies is None else replies
     lock = threading.Lock()
 
     def one() -> None:

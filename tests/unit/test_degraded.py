@@ -84,6 +84,19 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown
     assert breaker.allow()
 
 
+def test_calls_that_failed_in_one_round_trip_count_once(clock: ManualClock) -> None:
+    """Queued checks share their round trip's error: one slow round trip under load is
+    one failure, not a burst that opens the breaker."""
+    breaker = Breaker(clock, failures=3)
+    shared_cause = StoreError("Timeout reading from socket")
+    for _ in range(50):
+        breaker.failure(shared_cause)
+    assert not breaker.is_open
+    breaker.failure(StoreError("again"))
+    breaker.failure(StoreError("and again"))
+    assert breaker.is_open
+
+
 def test_while_open_no_request_waits_on_the_shared_backend(
     guarded: GuardedCounters, shared: FlakyCounters
 ) -> None:
