@@ -18,6 +18,7 @@ import hmac
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from extauthz.model import AuditEvent
 
@@ -40,26 +41,14 @@ CHAINED = (
 )
 
 
+_AFTER_SEQ = attrgetter(*CHAINED[1:])
+
+
 def canonical(event: AuditEvent, seq: int | None = None) -> bytes:
     """A JSON array of the CHAINED fields, no spaces, ASCII: the same bytes for the same
     row in any process (floats print as their shortest round-trip form). ``seq``, when
     given, stands in for the event's own (numbering and hashing happen together)."""
-    e = event
-    values = [
-        e.seq if seq is None else seq,
-        e.ts,
-        e.action,
-        e.outcome,
-        e.tenant_id,
-        e.key_id,
-        e.actor,
-        e.reason,
-        e.request_id,
-        e.source,
-        e.policy_version,
-        e.trace_id,
-        e.detail,
-    ]
+    values = [event.seq if seq is None else seq, *_AFTER_SEQ(event)]
     return json.dumps(values, separators=(",", ":")).encode()
 
 

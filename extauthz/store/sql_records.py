@@ -6,21 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from operator import attrgetter
 from typing import Any, Protocol
 
 from extauthz.auditchain import GENESIS, Anchor, AuditChain
 from extauthz.errors import StoreError
 from extauthz.model import AuditEvent, UsageRecord
 
-# In AuditEvent's field order, so a row is AuditEvent(*row).
-_AUDIT_COLS = (
-    "action, outcome, ts, tenant_id, key_id, actor, reason, request_id, source, "
-    "policy_version, detail, seq, trace_id, hash"
-)
-_USAGE_COLS = (
-    "request_id, ts, day, tenant_id, key_id, route, method, status, latency_ms, "
-    "request_bytes, response_bytes, tokens_in, tokens_out, cost, incomplete"
-)
+# Columns named and ordered as AuditEvent's fields, so a row is AuditEvent(*row); its
+# values in that order, and the fields before ``seq`` (one C call each).
+_AUDIT_COLS = ", ".join(AuditEvent.__slots__)
+_AUDIT_VALUES = attrgetter(*AuditEvent.__slots__)
+_UNNUMBERED = attrgetter(*AuditEvent.__slots__[: AuditEvent.__slots__.index("seq")])
+_USAGE_COLS = ", ".join(UsageRecord.__slots__)
 
 
 class Cursor(Protocol):
@@ -99,7 +97,7 @@ class SQLRecords:
         stored, prev = chain_rows(chain, head, events)
         cur.executemany(
             f"INSERT INTO audit_events ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608 - constant columns
-            [_audit_values(e) for e in stored],
+            [_AUDIT_VALUES(e) for e in stored],
         )
         if chain is not None:
             _put_anchor(cur, "head", chain.anchor("head", stored[-1].seq, prev))
@@ -251,24 +249,8 @@ def chain_rows(
             prev = chain.link(prev, e, seq)
             digest = prev.hex()
         # Built positionally: dataclasses.replace() cost ~6 us a row here.
-        stored.append(
-            AuditEvent(
-                e.action,
-                e.outcome,
-                e.ts,
-                e.tenant_id,
-                e.key_id,
-                e.actor,
-                e.reason,
-                e.request_id,
-                e.source,
-                e.policy_version,
-                e.detail,
-                seq,
-                e.trace_id,
-                digest,
-            )
-        )
+        row = (*_UNNUMBERED(e), seq, e.trace_id, digest)
+        stored.append(AuditEvent(*row))
     return stored, prev
 
 
@@ -292,25 +274,6 @@ def _put_anchor(cur: Cursor, kind: str, anchor: Anchor) -> None:
         "ON CONFLICT (kind) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
         "signature = excluded.signature",
         (kind, anchor.seq, anchor.hash, anchor.signature),
-    )
-
-
-def _audit_values(e: AuditEvent) -> tuple[Any, ...]:
-    return (
-        e.action,
-        e.outcome,
-        e.ts,
-        e.tenant_id,
-        e.key_id,
-        e.actor,
-        e.reason,
-        e.request_id,
-        e.source,
-        e.policy_version,
-        e.detail,
-        e.seq,
-        e.trace_id,
-        e.hash,
     )
 
 
