@@ -272,7 +272,7 @@ def _access_log(usage_headers: tuple[str, ...]) -> dict[str, Any]:
             # The upstream's usage report, to settle reserved tokens.
             "additional_response_headers_to_log": list(usage_headers),
             # The tenant our allow answer set: shared counters find the lease by it.
-            "additional_request_headers_to_log": ["x-tenant-id"],
+            "additional_request_headers_to_log": [UPSTREAM_HEADERS[0]],
         },
     }
 

@@ -23,7 +23,6 @@ from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.quota import quota_window
 from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
-from extauthz.settings import Settings
 from extauthz.transport.als import AccessLogReceiver
 from extauthz.transport.grpc_authz import SERVICE as GRPC_SERVICE
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
@@ -99,15 +98,12 @@ class Upkeep(threading.Thread):
             log.warning("could not write last-used times on stop: %s", exc)
 
 
-def http_waits(settings: Settings) -> str:
+def http_waits(runtime: Runtime) -> str:
     """Where HTTP-service checks wait (transport/http_authz.py): inline unless they make
     network round trips (Redis counters, a PostgreSQL store)."""
-    remote = settings.counters_url.startswith(("redis://", "rediss://")) or (
-        settings.db_url.startswith("postgres")
-    )
-    if not remote:
+    if not (runtime.counters.remote or runtime.store.remote):
         return INLINE
-    return THREADS if settings.audit_blocking else GREENLETS
+    return THREADS if runtime.settings.audit_blocking else GREENLETS
 
 
 class Sidecar:
@@ -221,7 +217,7 @@ class Sidecar:
                 self.http = HttpAuthzThread(
                     self.authorizer,
                     self.authorizer.metrics,
-                    waits=http_waits(settings),
+                    waits=http_waits(self.runtime),
                 )
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from

@@ -80,6 +80,7 @@ class Release:
 
 class Counters(abc.ABC):
     url: str
+    remote = False  # calls cross the network (and may wait on it)
 
     @abc.abstractmethod
     def acquire(self, ask: Ask) -> Verdict:

@@ -135,6 +135,7 @@ class GuardedCounters(Counters):
         on_change: Callable[[bool, dict[str, int]], None] | None = None,
     ) -> None:
         self.url = shared.url
+        self.remote = shared.remote
         self.shared = shared
         self.local = MemoryCounters(clock, lease_ttl)
         self.replicas = replicas

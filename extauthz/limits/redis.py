@@ -33,6 +33,8 @@ def _script(name: str) -> str:
 
 
 class RedisCounters(Counters):
+    remote = True
+
     def __init__(
         self,
         url: str,

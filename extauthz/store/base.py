@@ -16,6 +16,7 @@ from extauthz.model import APIKey, AuditEvent, Tenant, TenantStatus, TenantTier,
 
 class Store(abc.ABC):
     url: str
+    remote = False  # calls cross the network (and may wait on it)
 
     @abc.abstractmethod
     def schema_version(self) -> int:

@@ -164,6 +164,7 @@ def redact(url: str) -> str:
 
 
 class PostgresStore(SQLStore):
+    remote = True
     _lookup_sql = LOOKUP.format(h="?::bytea")
 
     def __init__(
