@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from extauthz.policy import Limits
 
@@ -67,11 +68,10 @@ class Settlement:
     request_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     """One access-log entry's release: the lease, the reported tokens, and the tenant
     Envoy logged for the request (empty if unknown), which lets shared counters find
-    the lease without a global index."""
+    the lease without a global index. A NamedTuple: one is built per finished request."""
 
     lease_id: str
     actual_tokens: int | None = None
