@@ -19,7 +19,16 @@ from typing import Any
 
 from bench import core
 from bench.load import check_request, cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
-from bench.setups import BENCH_TENANT, SETUPS, Running, Sidecar, bench_env, shared_env
+from bench.setups import (
+    BENCH_TENANT,
+    SETUPS,
+    Running,
+    Sidecar,
+    backends,
+    bench_env,
+    redis_cpu_seconds,
+    shared_env,
+)
 from extauthz.app import Runtime
 from extauthz.settings import load_settings
 
@@ -43,9 +52,12 @@ def measure(
     try:
         headers = {"x-api-key": key}
         wrk(running.url, 1, headers)  # warm-up: connections, caches
+        uses_redis = bool(backends(setup))
         before = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
+        redis_before = redis_cpu_seconds() if uses_redis else 0.0
         peak = wrk(running.url, seconds, headers)
         after = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
+        redis_after = redis_cpu_seconds() if uses_redis else 0.0
         fixed = wrk(running.url, max(2.0, seconds / 2), headers, RATE_CONNECTIONS, RATE_DELAY_MS)
         single = wrk(running.url, max(2.0, seconds / 3), headers, connections=1)
         backend = wrk(f"http://127.0.0.1:{running.backend_port}/", max(1.0, seconds / 3), {})
@@ -58,6 +70,9 @@ def measure(
         "bad": peak.bad,
         "requests": peak.requests,
         "cpu_us_per_check": (after - before) / peak.requests * 1e6 if running.sidecar else None,
+        "redis_us_per_check": (
+            (redis_after - redis_before) / peak.requests * 1e6 if uses_redis else None
+        ),
         "fixed_rps": fixed.rps,
         "fixed_p50_ms": fixed.p50_ms,
         "fixed_p99_ms": fixed.p99_ms,
@@ -112,6 +127,13 @@ def summarize(
             values = [r[field] for r in runs if r[field] is not None]
             med[field] = statistics.median(values) if values else None
         med["ratio"] = statistics.median(r[setup]["rps"] / r["A"]["rps"] for r in rounds)
+        # Redis (and PostgreSQL) against the same transport on memory, round by round.
+        memory = setup[0]
+        med["vs_memory"] = (
+            statistics.median(r[setup]["rps"] / r[memory]["rps"] for r in rounds)
+            if backends(setup) and memory in chosen
+            else None
+        )
         med["bad_total"] = sum(r["bad"] + r["fixed_bad"] + r["single_bad"] for r in runs)
         summary[setup] = med
     base = summary["A"]
@@ -132,6 +154,7 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
         f"| {'@~1k/s':>6} {'p50ms':>6} {'p99ms':>6} {'+p50':>6} {'+p99':>6} "
         f"| {'1conn p50':>9} {'+p50':>6}"
     )
+    shared = [(k, s) for k, s in summary.items() if s.get("redis_us_per_check") is not None]
     for setup, s in summary.items():
         label = SETUPS[setup]
         cpu = (
@@ -143,6 +166,14 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
             f"{s['fixed_p99_ms']:6.2f} {s['added_p50_ms']:6.2f} {s['added_p99_ms']:6.2f} "
             f"| {s['single_p50_ms']:9.2f} {s['single_added_p50_ms']:6.2f}"
         )
+    if shared:
+        print(
+            "\nshared backends against memory counters (same transport, same round): "
+            "req/s ratio, and Redis's own CPU per check"
+        )
+        for setup, s in shared:
+            vs = f"{s['vs_memory']:.2f}x {setup[0]}" if s["vs_memory"] is not None else "-"
+            print(f"  {setup + ' ' + SETUPS[setup]:40} {vs:>9}  {s['redis_us_per_check']:5.0f} us")
     spread = meta.get("a_spread")
     if spread and spread[1] > 1.2 * spread[0]:
         print(
@@ -191,12 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         for item in args.sidecar_env:
             name, _, value = item.partition("=")
             env[name] = value
-        shared = (
-            stack.enter_context(shared_env(env)) if any(s.endswith("R") for s in chosen) else {}
-        )
+        envs = {"": env}
         keys = {"": bench_key(env)}
-        if shared:
-            keys["R"] = bench_key(shared)
+        keys["R"] = keys[""]  # the same SQLite store, counters elsewhere
+        if any(backends(s) for s in chosen):
+            envs.update(stack.enter_context(shared_env(env)))
+            if any(backends(s) == "RP" for s in chosen):
+                keys["RP"] = bench_key(envs["RP"])
         rounds: list[dict[str, dict[str, Any]]] = []
         for number in range(1, args.rounds + 1):
             result: dict[str, dict[str, Any]] = {}
@@ -206,10 +238,8 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-                kind = "R" if setup.endswith("R") else ""
-                result[setup] = measure(
-                    setup, workdir, shared if kind else env, keys[kind], args.seconds
-                )
+                kind = backends(setup)
+                result[setup] = measure(setup, workdir, envs[kind], keys[kind], args.seconds)
             rounds.append(result)
         print("direct: the sidecar alone ...", file=sys.stderr, flush=True)
         alone = direct(workdir, env, keys[""], max(2.0, args.seconds / 2))

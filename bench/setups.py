@@ -4,7 +4,8 @@ A  Envoy -> backend, no auth (the baseline every ratio is taken against)
 B  Envoy's in-process api_key_auth + local_ratelimit -> backend (the built-in alternative)
 C  Envoy + extauthz over gRPC -> backend
 D  Envoy + extauthz over the HTTP service -> backend
-CR, DR  the same with Redis counters and a PostgreSQL store (what replicas share)
+CR, DR  the same with counters in Redis (the store stays SQLite): Redis against memory
+CRP, DRP  Redis counters and a PostgreSQL store (everything replicas share)
 
 The backend is a second Envoy answering with direct_response, so it is never the limit
 (the run reports its req/s alone to show it).
@@ -35,9 +36,11 @@ SETUPS = {
     # Optional: the same with `serve --workers 2`, two endpoints in Envoy's cluster.
     "C2": "Envoy + extauthz gRPC, 2 workers",
     "D2": "Envoy + extauthz HTTP, 2 workers",
-    # Shared backends: counters in Redis, store in PostgreSQL (see shared_env).
-    "CR": "Envoy + extauthz gRPC, Redis + PG",
-    "DR": "Envoy + extauthz HTTP, Redis + PG",
+    # Shared backends (see shared_env): counters in Redis; also the store in PostgreSQL.
+    "CR": "Envoy + extauthz gRPC, Redis",
+    "DR": "Envoy + extauthz HTTP, Redis",
+    "CRP": "Envoy + extauthz gRPC, Redis + PG",
+    "DRP": "Envoy + extauthz HTTP, Redis + PG",
 }
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -169,7 +172,7 @@ class Running:
 
     def __init__(self, setup: str, workdir: Path, env: dict[str, str], key: str) -> None:
         self.setup = setup
-        base, workers = setup[0], int(setup[1:].rstrip("R") or 1)
+        base, workers = setup[0], int(setup[1:].rstrip("RP") or 1)
         self.backend = EnvoyProcess(backend_config(), workdir / "backend", concurrency=1)
         self.sidecar: Sidecar | None = None
         self.front: EnvoyProcess | None = None
@@ -231,20 +234,36 @@ def bench_env(data_dir: Path) -> dict[str, str]:
     return env
 
 
+def backends(setup: str) -> str:
+    """ "" (memory counters, SQLite), "R" (Redis counters) or "RP" (and PostgreSQL)."""
+    return "RP" if setup.endswith("RP") else "R" if setup.endswith("R") else ""
+
+
+def redis_cpu_seconds() -> float:
+    """Redis's own CPU so far (it serves every replica, so it is part of each check)."""
+    import redis
+
+    info = redis.Redis.from_url(REDIS_URL).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 @contextmanager
-def shared_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """``env`` with Redis counters and a PostgreSQL store in a schema of its own
-    (dropped afterwards)."""
+def shared_env(env: dict[str, str]) -> Iterator[dict[str, dict[str, str]]]:
+    """``env`` with Redis counters ("R"), and also a PostgreSQL store in a schema of its
+    own ("RP", dropped afterwards)."""
     import psycopg
 
     schema = "bench_" + secrets.token_hex(4)
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
+        with_redis = {**env, "EXTAUTHZ_COUNTERS_URL": REDIS_URL}
         yield {
-            **env,
-            "EXTAUTHZ_COUNTERS_URL": REDIS_URL,
-            "EXTAUTHZ_DATABASE_URL": f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
+            "R": with_redis,
+            "RP": {
+                **with_redis,
+                "EXTAUTHZ_DATABASE_URL": f"{POSTGRES_URL}?options=-csearch_path%3D{schema}",
+            },
         }
     finally:
         with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:

@@ -10,6 +10,7 @@ lease id to tenant lets the access log release a lease knowing only the request 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -19,13 +20,19 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from extauthz import suspend
 from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
 from extauthz.limits.pipeline import ScriptPipeline
+from extauthz.limits.resp import LoopConnection
 from extauthz.policy import Limits
 
 DAY_TTL = 3 * 86_400  # a day's counts outlive the day (yesterday's late settlements)
+
+
+# Key names, limit arguments and the payload's head (see RedisCounters._shape).
+_Shape = tuple[list[str], list[Any], str]
 
 
 def _script(name: str) -> str:
@@ -60,12 +67,33 @@ class RedisCounters(Counters):
             )
         except ValueError as exc:
             raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
-        self._acquire = self.redis.register_script(_script("acquire.lua"))
+        self._acquire_text = _script("acquire.lua")
+        self._acquire = self.redis.register_script(self._acquire_text)
         # Redis's own silence is caught by the socket timeout, and the calls queued
         # behind a failed round trip fail with it. The caller's wait is only a backstop
         # for this process being starved of CPU (seen in CI: 300 checks at once on 2
         # cores waited over 100 ms): generous, and under Envoy's 500 ms.
         self._checks = ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
+        # Checks on the HTTP service's event loop talk to Redis from the loop itself (plain
+        # TCP; TLS and Unix sockets go through the I/O thread above).
+        self._loops: dict[asyncio.AbstractEventLoop, LoopConnection] = {}
+        self._shapes: dict[tuple[Any, ...], tuple[Limits, float, _Shape]] = {}
+        pool = self.redis.connection_pool
+        kwargs = pool.connection_kwargs
+        self._address = (
+            (kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)))
+            if pool.connection_class is redis.connection.Connection
+            else None
+        )
+        self._hello: list[tuple[Any, ...]] = []
+        if kwargs.get("password"):
+            user = kwargs.get("username")
+            self._hello.append(
+                ("AUTH", user, kwargs["password"]) if user else ("AUTH", kwargs["password"])
+            )
+        if kwargs.get("db"):
+            self._hello.append(("SELECT", kwargs["db"]))
+        self.timeout = timeout
         self._release = self.redis.register_script(_script("release.lua"))
         self._release_tenant = self.redis.register_script(_script("release_tenant.lua"))
 
@@ -80,42 +108,16 @@ class RedisCounters(Counters):
             raise StoreError(f"Redis counters failed: {exc}") from None
 
     def acquire(self, ask: Ask) -> Verdict:
-        limits, tenant = ask.limits, ask.tenant_id
-        key_rate = limits.key_rate_limit
-        payload = json.dumps(
-            [
-                ask.tenant_id,
-                ask.key_id,
-                ask.day,
-                ask.tokens,
-                ask.route,
-                ask.method,
-                ask.price,
-                ask.started,
-                ask.lease_id,
-            ]
-        )
-        reply = self._checks.call(
-            [
-                self._k(tenant, "bucket"),
-                self._k(tenant, f"key:{ask.key_id}"),
-                self._k(tenant, f"day:{ask.day}"),
-                self._k(tenant, "leases"),
-                self._k(tenant, "lease-payloads"),
-                f"{self.prefix}:lease:",
-                f"{self.prefix}:expired",
-            ],
+        keys, limit_args, head = self._shape(ask)
+        # The lease's payload (for its usage record) is JSON: a cached head for the
+        # fields one key on one route shares, then the per-request ones.
+        payload = f"{head}{ask.started!r},{_json_string(ask.lease_id)}]"
+        reply = self._call(
+            keys,
             [
                 ask.cost,
                 ask.tokens,
-                limits.rate_limit.burst,
-                limits.rate_limit.requests_per_minute / 60.0,
-                key_rate.burst if key_rate else 0,
-                key_rate.requests_per_minute / 60.0 if key_rate else 0,
-                limits.requests_per_day,
-                limits.tokens_per_day if limits.tokens_per_day is not None else -1,
-                limits.concurrent,
-                int(self.lease_ttl * 1000),
+                *limit_args,
                 ask.lease_id or f"-anonymous-{id(ask)}",
                 payload,
                 DAY_TTL,
@@ -133,6 +135,63 @@ class RedisCounters(Counters):
             int(level_milli) / 1000.0,
             int(held),
         )
+
+    def _shape(self, ask: Ask) -> _Shape:
+        """Key names, limit arguments and payload head, the same for every request of
+        one key on one route on one day (cached: building them was a tenth of a check)."""
+        limits = ask.limits
+        shape = (ask.tenant_id, ask.key_id, ask.day, ask.tokens, ask.route, ask.method)
+        cached = self._shapes.get(shape)
+        if cached is not None and cached[0] is limits and cached[1] == ask.price:
+            return cached[2]
+        tenant, key_rate = ask.tenant_id, limits.key_rate_limit
+        keys = [
+            self._k(tenant, "bucket"),
+            self._k(tenant, f"key:{ask.key_id}"),
+            self._k(tenant, f"day:{ask.day}"),
+            self._k(tenant, "leases"),
+            self._k(tenant, "lease-payloads"),
+            f"{self.prefix}:lease:",
+            f"{self.prefix}:expired",
+        ]
+        limit_args = [
+            limits.rate_limit.burst,
+            limits.rate_limit.requests_per_minute / 60.0,
+            key_rate.burst if key_rate else 0,
+            key_rate.requests_per_minute / 60.0 if key_rate else 0,
+            limits.requests_per_day,
+            limits.tokens_per_day if limits.tokens_per_day is not None else -1,
+            limits.concurrent,
+            int(self.lease_ttl * 1000),
+        ]
+        fields = [tenant, ask.key_id, ask.day, ask.tokens, ask.route, ask.method, ask.price]
+        head = json.dumps(fields)[:-1] + ", "
+        if len(self._shapes) >= 4096:
+            self._shapes.clear()
+        self._shapes[shape] = (limits, ask.price, (keys, limit_args, head))
+        return keys, limit_args, head
+
+    def _call(self, keys: list[str], args: list[Any]) -> Any:
+        """The acquire script's reply: from the event loop's own connection when the
+        check runs on one, else through the I/O thread."""
+        loop = suspend.current_loop()
+        if loop is None or self._address is None:
+            return self._checks.call(keys, args)
+        connection = self._loops.get(loop)
+        if connection is None or connection.closed:
+            fresh = LoopConnection(loop, self._address, self.timeout, self._hello)
+            if connection is None:
+                suspend.on_loop_end(loop, lambda: self._loops.pop(loop).close())
+            connection = self._loops[loop] = fresh
+        sha, text = self._acquire.sha, self._acquire_text
+        # No timer per check: the connection answers every call within its timeout,
+        # with the reply or an error.
+        outcome = suspend.until(
+            lambda deliver: connection.evalsha(sha, text, keys, args, deliver), None
+        )
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
 
     def release(self, lease_id: str, actual_tokens: int | None = None) -> Settlement | None:
         try:
@@ -156,37 +215,41 @@ class RedisCounters(Counters):
         return settled if freed else None
 
     def release_many(self, releases: Sequence[Release]) -> list[Settlement | None]:
-        """Those whose tenant is known in one pipelined round trip; the rest one by one
-        (through the global lease index)."""
+        """Those whose tenant is known in one round trip (one script call per tenant);
+        the rest one by one (through the global lease index)."""
         results: list[Settlement | None] = [None] * len(releases)
-        hinted = [i for i, r in enumerate(releases) if r.tenant_id]
+        by_tenant: dict[str, list[int]] = {}
         for i, r in enumerate(releases):
-            if not r.tenant_id:
+            if r.tenant_id:
+                by_tenant.setdefault(r.tenant_id, []).append(i)
+            else:
                 results[i] = self.release(r.lease_id, r.actual_tokens)
-        if not hinted:
+        if not by_tenant:
             return results
-        replies = self._release_hinted([releases[i] for i in hinted])
-        for i, reply in zip(hinted, replies, strict=True):
-            if reply:
-                results[i] = _settlement(reply, releases[i].actual_tokens)
+        replies = self._release_hinted(
+            [(tenant, [releases[i] for i in indexes]) for tenant, indexes in by_tenant.items()]
+        )
+        for indexes, freed in zip(by_tenant.values(), replies, strict=True):
+            for i, payload in zip(indexes, freed, strict=True):
+                if payload:
+                    results[i] = _settlement(payload, releases[i].actual_tokens)
         return results
 
-    def _release_hinted(self, releases: list[Release]) -> list[Any]:
+    def _release_hinted(self, groups: list[tuple[str, list[Release]]]) -> list[Any]:
         sha = self._release_tenant.sha
         for _attempt in (1, 2):
             try:
                 with self.redis.pipeline(transaction=False) as pipe:
-                    for r in releases:
-                        tenant = r.tenant_id
+                    for tenant, releases in groups:
+                        args: list[Any] = [self._k(tenant, "day:"), f"{self.prefix}:lease:"]
+                        for r in releases:
+                            args += (r.lease_id, -1 if r.actual_tokens is None else r.actual_tokens)
                         pipe.evalsha(
                             sha,
                             2,
                             self._k(tenant, "leases"),
                             self._k(tenant, "lease-payloads"),
-                            r.lease_id,
-                            -1 if r.actual_tokens is None else r.actual_tokens,
-                            self._k(tenant, "day:"),
-                            f"{self.prefix}:lease:{r.lease_id}",
+                            *args,
                         )
                     replies = pipe.execute(raise_on_error=False)
             except redis.RedisError as exc:
@@ -276,8 +339,14 @@ class RedisCounters(Counters):
         return 0  # per tenant only (in_flight): a global count would need a scan
 
     def close(self) -> None:
+        for loop, connection in list(self._loops.items()):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(connection.close)
         self._checks.close()
         self.redis.close()
+
+
+_json_string = json.encoder.encode_basestring_ascii
 
 
 def _settlement(raw: bytes | str, actual: int | None) -> Settlement:

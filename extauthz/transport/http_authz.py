@@ -158,7 +158,7 @@ class _Protocol(asyncio.Protocol):
         started = time.perf_counter()
         if self.server.metrics is not None:
             self.server.metrics.active.inc()
-        loop = asyncio.get_running_loop()
+        loop = self.server.loop or asyncio.get_running_loop()
         if self.server.executor is None:
             suspend.start(lambda: self._decided(self._decide(request), keep_alive, started), loop)
             return
@@ -259,6 +259,8 @@ class HttpAuthzServer:
         self.connections: set[_Protocol] = set()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
+        # Set by start(): asyncio.get_running_loop() per request costs a getpid().
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def with_headers(self, base: Decision, headers: tuple[tuple[str, str], ...]) -> bytes:
         """``base``'s cached answer (which has no body) with ``headers`` added before
@@ -267,7 +269,7 @@ class HttpAuthzServer:
         return self.encode(base)[:-2] + extra.encode() + b"\r\n"
 
     async def start(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
                 lambda: _Protocol(self), host, port, reuse_address=True, backlog=1024
@@ -291,6 +293,8 @@ class HttpAuthzServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        suspend.end_loop(asyncio.get_running_loop())
+        await asyncio.sleep(0)  # a turn of the loop, so the closed transports are let go
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -68,11 +68,12 @@ used = redis.call('HINCRBY', KEYS[3], 'tokens', tokens)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[13]))
 local ttl = tonumber(ARGV[10])
 local id = ARGV[11]
-if redis.call('ZSCORE', KEYS[4], id) then
+if redis.call('ZADD', KEYS[4], 'NX', now + ttl, id) == 0 then
+  -- The same request id twice (a client's own x-request-id): a lease of its own.
   id = id .. '#' .. redis.call('INCR', KEYS[4] .. ':seq')
   redis.call('PEXPIRE', KEYS[4] .. ':seq', ttl * 2)
+  redis.call('ZADD', KEYS[4], now + ttl, id)
 end
-redis.call('ZADD', KEYS[4], now + ttl, id)
 redis.call('PEXPIRE', KEYS[4], ttl * 2)
 redis.call('HSET', KEYS[5], id, ARGV[12])
 redis.call('PEXPIRE', KEYS[5], ttl * 2)
