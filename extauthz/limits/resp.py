@@ -54,6 +54,7 @@ class LoopConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_soon = False
         self._in_flight = 0  # commands written whose replies are not all in
+        self.commands = self.writes = 0  # sent so far, and in how many writes
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader()
         self._timer: asyncio.TimerHandle | None = None
@@ -107,6 +108,8 @@ class LoopConnection(asyncio.Protocol):
         self._flush_soon = False
         if self._transport is not None and self._out and self._in_flight == 0:
             self._in_flight = len(self._out)
+            self.commands += self._in_flight
+            self.writes += 1
             self._transport.write(b"".join(self._out))
             self._out.clear()
 

@@ -10,10 +10,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Release
 from extauthz.limits.redis import RedisCounters
 from extauthz.policy import Limits, RateLimit
 from extauthz.testing import ManualClock
+from tests.loopchecks import LoopChecks
 
 pytestmark = pytest.mark.redis
 LIMITS = Limits(1000, 1000, 2, RateLimit(600, 100), 0.001)
@@ -124,10 +126,100 @@ def test_expired_leases_are_handed_over_once(counters: RedisCounters, clock: Man
 
 def test_redis_down_is_a_store_error_not_a_hang(clock: ManualClock) -> None:
     """A Redis that does not answer gives StoreError within the timeout."""
-    from extauthz.errors import StoreError
-
     dead = RedisCounters("redis://127.0.0.1:9/0", timeout=0.05, clock=clock)
     with pytest.raises(StoreError):
         dead.acquire(ask("x"))
     with pytest.raises(redis.RedisError):
         dead.redis.ping()
+
+
+@pytest.fixture
+def loop_checks() -> Iterator[LoopChecks]:
+    checks = LoopChecks()
+    yield checks
+    checks.close()
+
+
+def test_checks_on_an_event_loop_share_writes_and_stay_exact(
+    counters: RedisCounters, loop_checks: LoopChecks
+) -> None:
+    """64 checks at once on the HTTP service's loop against 10 slots: exactly 10 win,
+    no I/O thread is involved, and the 64 scripts left in fewer writes than calls."""
+    verdicts = loop_checks.run(
+        *(lambda i=i: counters.acquire(Ask("t1", "k1", f"r{i}", TEN_SLOTS, "d")) for i in range(64))
+    )
+    assert sum(v.allowed for v in verdicts) == 10
+    assert counters._checks.calls == 0
+    (connection,) = counters._loops.values()
+    assert connection.commands == 64
+    assert connection.writes < 64
+
+
+def test_a_script_redis_forgot_is_run_again_from_the_loop(
+    counters: RedisCounters, loop_checks: LoopChecks
+) -> None:
+    """BAD_INPUTS #17 on the loop's connection: after SCRIPT FLUSH the check is sent
+    again with the script's text and counted exactly once."""
+    assert loop_checks.run(lambda: counters.acquire(ask("a")))[0].allowed
+    counters.redis.script_flush()
+    (verdict,) = loop_checks.run(lambda: counters.acquire(ask("b")))
+    assert verdict.allowed
+    assert verdict.requests_today == 2
+    assert counters.usage("t1", "2027-01-15") == (2, 20)
+
+
+def test_the_loop_connection_selects_the_url_database(
+    clock: ManualClock, loop_checks: LoopChecks
+) -> None:
+    """redis://host/3 on the loop's own connection writes to database 3, like redis-py."""
+    prefix = f"t{uuid.uuid4().hex}"
+    counters = RedisCounters("redis://127.0.0.1:6379/3", prefix=prefix, clock=clock)
+    try:
+        assert loop_checks.run(lambda: counters.acquire(ask("a")))[0].allowed
+        assert counters.redis.exists(f"{prefix}:{{t1}}:leases")
+        assert not redis.Redis(db=0).exists(f"{prefix}:{{t1}}:leases")
+    finally:
+        for key in counters.redis.scan_iter(f"{prefix}:*"):
+            counters.redis.delete(key)
+        counters.close()
+
+
+def test_the_loop_connection_authenticates_and_a_wrong_password_is_a_store_error(
+    clock: ManualClock, loop_checks: LoopChecks
+) -> None:
+    """A Redis user from the URL: the right password works; a wrong one is refused
+    with StoreError (its text never holds the password), not a hang."""
+    admin = redis.Redis()
+    user, secret = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{secret}"], keys=["~*"], commands=["+@all"])
+    try:
+        good = RedisCounters(
+            f"redis://{user}:{secret}@127.0.0.1:6379/0", prefix=f"t{user}", clock=clock
+        )
+        bad = RedisCounters(
+            f"redis://{user}:wrong-{secret}@127.0.0.1:6379/0", timeout=0.5, clock=clock
+        )
+        try:
+            assert loop_checks.run(lambda: good.acquire(ask("a")))[0].allowed
+            with pytest.raises(StoreError) as refused:
+                loop_checks.run(lambda: bad.acquire(ask("b")))
+            assert secret not in str(refused.value)
+        finally:
+            for key in good.redis.scan_iter(f"t{user}:*"):
+                good.redis.delete(key)
+            good.close()
+            bad.close()
+    finally:
+        admin.acl_deluser(user)
+
+
+def test_redis_down_is_a_store_error_on_the_loop_too(
+    clock: ManualClock, loop_checks: LoopChecks
+) -> None:
+    """Nothing listening: the check on the loop gets StoreError within the timeout."""
+    dead = RedisCounters("redis://127.0.0.1:9/0", timeout=0.05, clock=clock)
+    try:
+        with pytest.raises(StoreError):
+            loop_checks.run(lambda: dead.acquire(ask("x")), timeout=2.0)
+    finally:
+        dead.close()

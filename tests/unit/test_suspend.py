@@ -7,6 +7,8 @@ import asyncio
 import threading
 from typing import Any
 
+import greenlet
+
 from extauthz import suspend
 
 
@@ -72,3 +74,40 @@ def test_no_answer_in_time_is_timed_out_and_a_late_answer_is_ignored() -> None:
     asyncio.run(main())
     assert out == [suspend.TIMED_OUT]
     late[0]("after the loop closed")  # nobody waits: ignored
+
+
+def test_a_finished_check_leaves_its_greenlet_for_the_next_one() -> None:
+    """Greenlets are reused (a new one costs a fresh frame stack per check): checks
+    run one after another on one loop share a greenlet; one that raises does not
+    take its greenlet (or the loop) down."""
+    seen: list[Any] = []
+
+    def failing() -> None:
+        seen.append(greenlet.getcurrent())
+        raise RuntimeError("a bug in a check")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        suspend.start(lambda: seen.append(greenlet.getcurrent()), loop)
+        suspend.start(failing, loop)
+        suspend.start(lambda: seen.append(greenlet.getcurrent()), loop)
+
+    asyncio.run(main())
+    assert len(seen) == 3
+    assert seen[0] is seen[1] is seen[2]
+
+
+def test_an_answer_read_by_the_loop_itself_resumes_the_check_at_once() -> None:
+    """Delivered on the loop's thread, outside any check (a Redis reply read by the
+    loop): the check runs on before deliver() returns, not a turn of the loop later."""
+    order: list[str] = []
+    deliver: list[Any] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        suspend.start(lambda: order.append(suspend.until(deliver.append, None)), loop)
+        deliver[0]("reply")
+        order.append("after deliver")
+
+    asyncio.run(main())
+    assert order == ["reply", "after deliver"]
