@@ -10,7 +10,6 @@ lease id to tenant lets the access log release a lease knowing only the request 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -25,7 +24,7 @@ from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
 from extauthz.limits.pipeline import ScriptPipeline
-from extauthz.limits.resp import LoopConnection
+from extauthz.limits.resp import LoopConnections
 from extauthz.policy import Limits
 
 DAY_TTL = 3 * 86_400  # a day's counts outlive the day (yesterday's late settlements)
@@ -74,26 +73,9 @@ class RedisCounters(Counters):
         # for this process being starved of CPU (seen in CI: 300 checks at once on 2
         # cores waited over 100 ms): generous, and under Envoy's 500 ms.
         self._checks = ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
-        # Checks on the HTTP service's event loop talk to Redis from the loop itself (plain
-        # TCP; TLS and Unix sockets go through the I/O thread above).
-        self._loops: dict[asyncio.AbstractEventLoop, LoopConnection] = {}
+        # Checks on the HTTP service's event loop talk to Redis from the loop itself.
+        self._on_loops = LoopConnections.for_client(self.redis, timeout)
         self._shapes: dict[tuple[Any, ...], tuple[Limits, float, _Shape]] = {}
-        pool = self.redis.connection_pool
-        kwargs = pool.connection_kwargs
-        self._address = (
-            (kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)))
-            if pool.connection_class is redis.connection.Connection
-            else None
-        )
-        self._hello: list[tuple[Any, ...]] = []
-        if kwargs.get("password"):
-            user = kwargs.get("username")
-            self._hello.append(
-                ("AUTH", user, kwargs["password"]) if user else ("AUTH", kwargs["password"])
-            )
-        if kwargs.get("db"):
-            self._hello.append(("SELECT", kwargs["db"]))
-        self.timeout = timeout
         self._release = self.redis.register_script(_script("release.lua"))
         self._release_tenant = self.redis.register_script(_script("release_tenant.lua"))
 
@@ -175,14 +157,9 @@ class RedisCounters(Counters):
         """The acquire script's reply: from the event loop's own connection when the
         check runs on one, else through the I/O thread."""
         loop = suspend.current_loop()
-        if loop is None or self._address is None:
+        if loop is None or self._on_loops is None:
             return self._checks.call(keys, args)
-        connection = self._loops.get(loop)
-        if connection is None or connection.closed:
-            fresh = LoopConnection(loop, self._address, self.timeout, self._hello)
-            if connection is None:
-                suspend.on_loop_end(loop, lambda: self._loops.pop(loop).close())
-            connection = self._loops[loop] = fresh
+        connection = self._on_loops.on(loop)
         sha, text = self._acquire.sha, self._acquire_text
         # No timer per check: the connection answers every call within its timeout,
         # with the reply or an error.
@@ -339,9 +316,8 @@ class RedisCounters(Counters):
         return 0  # per tenant only (in_flight): a global count would need a scan
 
     def close(self) -> None:
-        for loop, connection in list(self._loops.items()):
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(connection.close)
+        if self._on_loops is not None:
+            self._on_loops.close()
         self._checks.close()
         self.redis.close()
 

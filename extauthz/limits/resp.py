@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import hiredis
+import redis
 
+from extauthz import suspend
 from extauthz.errors import StoreError
 
 log = logging.getLogger("extauthz.limits")
@@ -186,6 +188,57 @@ class LoopConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._break(StoreError("Redis counters are closed"))
+
+
+class LoopConnections:
+    """One LoopConnection per event loop, opened on first use there and again after it
+    broke, closed when the loop's server stops."""
+
+    def __init__(
+        self, address: tuple[str, int], timeout: float, hello: Sequence[Sequence[Any]]
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.hello = hello
+        self._by_loop: dict[asyncio.AbstractEventLoop, LoopConnection] = {}
+
+    @classmethod
+    def for_client(cls, client: redis.Redis, timeout: float) -> LoopConnections | None:
+        """The same server, database and credentials as ``client`` (a redis-py client
+        made from the URL); None for TLS and Unix sockets, which stay with redis-py."""
+        pool = client.connection_pool
+        if pool.connection_class is not redis.connection.Connection:
+            return None
+        kwargs = pool.connection_kwargs
+        hello: list[tuple[Any, ...]] = []
+        if kwargs.get("password"):
+            user = kwargs.get("username")
+            hello.append(
+                ("AUTH", user, kwargs["password"]) if user else ("AUTH", kwargs["password"])
+            )
+        if kwargs.get("db"):
+            hello.append(("SELECT", kwargs["db"]))
+        address = (kwargs.get("host") or "localhost", int(kwargs.get("port") or 6379))
+        return cls(address, timeout, hello)
+
+    def on(self, loop: asyncio.AbstractEventLoop) -> LoopConnection:
+        """``loop``'s connection; call on the loop's thread."""
+        connection = self._by_loop.get(loop)
+        if connection is None or connection.closed:
+            if connection is None:
+                suspend.on_loop_end(loop, lambda: self._by_loop.pop(loop).close())
+            connection = LoopConnection(loop, self.address, self.timeout, self.hello)
+            self._by_loop[loop] = connection
+        return connection
+
+    def close(self) -> None:
+        """From any thread: close them on their loops."""
+        for loop, connection in list(self._by_loop.items()):
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(connection.close)
+
+    def __iter__(self) -> Iterator[LoopConnection]:
+        return iter(list(self._by_loop.values()))
 
 
 def _error(reply: Exception) -> StoreError:

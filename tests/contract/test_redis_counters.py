@@ -150,7 +150,8 @@ def test_checks_on_an_event_loop_share_writes_and_stay_exact(
     )
     assert sum(v.allowed for v in verdicts) == 10
     assert counters._checks.calls == 0
-    (connection,) = counters._loops.values()
+    assert counters._on_loops is not None
+    (connection,) = counters._on_loops
     assert connection.commands == 64
     assert connection.writes < 64
 
