@@ -84,12 +84,14 @@ def _idle_list() -> list[CheckGreenlet]:
 def start(run: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
     """Run ``run`` now, on this (the loop's) thread, until it finishes or suspends."""
     idle = _idle_list()
+    current = greenlet.getcurrent()
     worker = None
     # A kept greenlet switches back to the greenlet that created it, so it is used only
-    # from that one (the loop's own), and only on the loop it was made for.
-    while idle and worker is None:
+    # from that one (the loop's own), and only on the loop it was made for; others left
+    # from an earlier loop on this thread are dropped.
+    while idle and worker is None and not isinstance(current, CheckGreenlet):
         candidate = idle.pop()
-        if candidate.loop is loop and candidate.parent is greenlet.getcurrent():
+        if candidate.loop is loop and candidate.parent is current:
             worker = candidate
     (worker or CheckGreenlet(loop)).switch(run)
 

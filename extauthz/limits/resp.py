@@ -143,7 +143,9 @@ class LoopConnection(asyncio.Protocol):
                     self._send(waiting.retry, waiting.deliver)
                     continue
                 reply = _error(reply)
-            _deliver(waiting.deliver, reply)
+            _deliver(waiting.deliver, reply)  # the check runs on from here
+            if self.closed:
+                return  # broken meanwhile: the remaining waiters have had their error
 
         if self._in_flight <= 0 and self._out:
             self._flush()
