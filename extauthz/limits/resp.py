@@ -34,10 +34,12 @@ Deliver = Callable[[Any], None]  # gets the reply, or the StoreError
 class _Waiting:
     __slots__ = ("deliver", "retry", "sent")
 
-    def __init__(self, deliver: Deliver, sent: float, retry: bytes | None) -> None:
+    def __init__(self, deliver: Deliver, sent: float, retry: tuple[Any, ...] | None) -> None:
         self.deliver = deliver
         self.sent = sent
-        self.retry = retry  # the same call as EVAL, for a Redis that forgot the script
+        # For a Redis that forgot the script: the same call as EVAL (packed only then:
+        # packing the script's text for every call cost more than the call itself).
+        self.retry = retry
 
 
 class LoopConnection(asyncio.Protocol):
@@ -87,13 +89,9 @@ class LoopConnection(asyncio.Protocol):
         if self.closed:
             raise StoreError("Redis counters failed: connection closed")
         tail = (len(keys), *keys, *args)
-        self._send(
-            hiredis.pack_command(("EVALSHA", sha, *tail)),
-            deliver,
-            hiredis.pack_command(("EVAL", script, *tail)),
-        )
+        self._send(hiredis.pack_command(("EVALSHA", sha, *tail)), deliver, ("EVAL", script, *tail))
 
-    def _send(self, command: bytes, deliver: Deliver, retry: bytes | None = None) -> None:
+    def _send(self, command: bytes, deliver: Deliver, retry: tuple[Any, ...] | None = None) -> None:
         self._waiting.append(_Waiting(deliver, self.loop.time(), retry))
         self._out.append(command)
         if not self._flush_soon and self._in_flight == 0:
@@ -140,7 +138,7 @@ class LoopConnection(asyncio.Protocol):
             if isinstance(reply, hiredis.ReplyError):
                 if waiting.retry is not None and str(reply).startswith("NOSCRIPT"):
                     # Redis restarted (BAD_INPUTS #17): the script did not run at all.
-                    self._send(waiting.retry, waiting.deliver)
+                    self._send(hiredis.pack_command(waiting.retry), waiting.deliver)
                     continue
                 reply = _error(reply)
             _deliver(waiting.deliver, reply)  # the check runs on from here
