@@ -6,6 +6,8 @@ SHA and reloaded if Redis forgets them (a restart: BAD_INPUTS #17). Each tenant'
 share a hash tag (``{tenant}``), so they live in one Redis Cluster slot; every key has a
 TTL. Leases are a sorted set per tenant (members expire by score); a small index from
 lease id to tenant lets the access log release a lease knowing only the request id.
+Checks on the HTTP service's event loop send their script on that loop's own connection
+(resp.py); other callers share the I/O thread's pipelined round trips (pipeline.py).
 """
 
 from __future__ import annotations
@@ -24,14 +26,9 @@ from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
 from extauthz.limits.pipeline import ScriptPipeline
+from extauthz.limits.redis_args import DAY_TTL, AcquireArgs, tenant_key
 from extauthz.limits.resp import LoopConnections
 from extauthz.policy import Limits
-
-DAY_TTL = 3 * 86_400  # a day's counts outlive the day (yesterday's late settlements)
-
-
-# Key names, limit arguments and the payload's head (see RedisCounters._shape).
-_Shape = tuple[list[str], list[Any], str]
 
 
 def _script(name: str) -> str:
@@ -75,13 +72,13 @@ class RedisCounters(Counters):
         self._checks = ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
         # Checks on the HTTP service's event loop talk to Redis from the loop itself.
         self._on_loops = LoopConnections.for_client(self.redis, timeout)
-        self._shapes: dict[tuple[Any, ...], tuple[Limits, float, _Shape]] = {}
+        self._acquire_args = AcquireArgs(lease_ttl)
         self._release = self.redis.register_script(_script("release.lua"))
         self._release_tenant = self.redis.register_script(_script("release_tenant.lua"))
 
     # key names: everything of one tenant under one hash tag
     def _k(self, tenant_id: str, part: str) -> str:
-        return f"{self.prefix}:{{{tenant_id}}}:{part}"
+        return tenant_key(self.prefix, tenant_id, part)
 
     def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -90,22 +87,7 @@ class RedisCounters(Counters):
             raise StoreError(f"Redis counters failed: {exc}") from None
 
     def acquire(self, ask: Ask) -> Verdict:
-        keys, limit_args, head = self._shape(ask)
-        # The lease's payload (for its usage record) is JSON: a cached head for the
-        # fields one key on one route shares, then the per-request ones.
-        payload = f"{head}{ask.started!r},{_json_string(ask.lease_id)}]"
-        reply = self._call(
-            keys,
-            [
-                ask.cost,
-                ask.tokens,
-                *limit_args,
-                ask.lease_id or f"-anonymous-{id(ask)}",
-                payload,
-                DAY_TTL,
-                self._now_ms() or 0,
-            ],
-        )
+        reply = self._call(*self._acquire_args(ask, self.prefix, self._now_ms() or 0))
         allowed, by, retry_ms, requests, tokens, level_milli, held = reply
         by = by.decode() if isinstance(by, bytes) else by
         return Verdict(
@@ -117,41 +99,6 @@ class RedisCounters(Counters):
             int(level_milli) / 1000.0,
             int(held),
         )
-
-    def _shape(self, ask: Ask) -> _Shape:
-        """Key names, limit arguments and payload head, the same for every request of
-        one key on one route on one day (cached: building them was a tenth of a check)."""
-        limits = ask.limits
-        shape = (ask.tenant_id, ask.key_id, ask.day, ask.tokens, ask.route, ask.method)
-        cached = self._shapes.get(shape)
-        if cached is not None and cached[0] is limits and cached[1] == ask.price:
-            return cached[2]
-        tenant, key_rate = ask.tenant_id, limits.key_rate_limit
-        keys = [
-            self._k(tenant, "bucket"),
-            self._k(tenant, f"key:{ask.key_id}"),
-            self._k(tenant, f"day:{ask.day}"),
-            self._k(tenant, "leases"),
-            self._k(tenant, "lease-payloads"),
-            f"{self.prefix}:lease:",
-            f"{self.prefix}:expired",
-        ]
-        limit_args = [
-            limits.rate_limit.burst,
-            limits.rate_limit.requests_per_minute / 60.0,
-            key_rate.burst if key_rate else 0,
-            key_rate.requests_per_minute / 60.0 if key_rate else 0,
-            limits.requests_per_day,
-            limits.tokens_per_day if limits.tokens_per_day is not None else -1,
-            limits.concurrent,
-            int(self.lease_ttl * 1000),
-        ]
-        fields = [tenant, ask.key_id, ask.day, ask.tokens, ask.route, ask.method, ask.price]
-        head = json.dumps(fields)[:-1] + ", "
-        if len(self._shapes) >= 4096:
-            self._shapes.clear()
-        self._shapes[shape] = (limits, ask.price, (keys, limit_args, head))
-        return keys, limit_args, head
 
     def _call(self, keys: list[str], args: list[Any]) -> Any:
         """The acquire script's reply: from the event loop's own connection when the
@@ -320,9 +267,6 @@ class RedisCounters(Counters):
             self._on_loops.close()
         self._checks.close()
         self.redis.close()
-
-
-_json_string = json.encoder.encode_basestring_ascii
 
 
 def _settlement(raw: bytes | str, actual: int | None) -> Settlement:
