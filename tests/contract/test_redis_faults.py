@@ -131,8 +131,9 @@ def timed(check: Callable[[CheckInput], Decision], request: CheckInput) -> tuple
 
 @pytest.mark.redis
 def test_concurrent_checks_during_a_blackhole_stay_within_the_budget(stack: Stack) -> None:
-    """16 threads x 5 checks while Redis swallows everything: the first round trip
-    times out and the checks queued behind it fail with it, so none waits twice."""
+    """16 threads (or 16 greenlets on the loop) x 5 checks while Redis swallows
+    everything: the first round trip times out and the checks queued behind it fail
+    with it, so none waits twice."""
     assert stack.check(TenantTier.STARTER)[0].allowed
     stack.proxy.set("drop")
     times: list[float] = []
@@ -145,7 +146,7 @@ def test_concurrent_checks_during_a_blackhole_stay_within_the_budget(stack: Stac
             with lock:
                 times.append(took)
 
-    if stack.loop is not None:  # 80 checks at once on the loop
+    if stack.loop is not None:  # 16 checks at once on the loop, five times
         for _ in range(5):
             for decision, took in stack.loop.run(
                 *(lambda: timed(stack.authorizer.check, stack.request(TenantTier.STARTER)),) * 16
