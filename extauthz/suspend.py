@@ -59,6 +59,16 @@ class CheckGreenlet(greenlet.greenlet):
             run = self.parent.switch()  # to the loop, until start() hands us a check
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's where it is installed (a dependency on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 def on_loop_end(loop: asyncio.AbstractEventLoop, close: Callable[[], None]) -> None:
     """Have ``close`` run (on the loop) when the server on ``loop`` stops: connections
     opened on a loop must be closed on it, before it closes."""

@@ -8,12 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from extauthz import suspend
-from extauthz.transport.http_authz import new_event_loop
 
 
 class LoopChecks:
     def __init__(self) -> None:
-        self.loop = new_event_loop()
+        self.loop = suspend.new_event_loop()
 
     def run(self, *calls: Callable[[], Any], timeout: float = 10.0) -> list[Any]:
         """Start every call at once; their results (or raise the first error)."""

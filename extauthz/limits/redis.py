@@ -25,6 +25,7 @@ from extauthz import suspend
 from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
+from extauthz.limits.loopthread import LoopThread
 from extauthz.limits.pipeline import ScriptPipeline
 from extauthz.limits.redis_args import DAY_TTL, AcquireArgs, tenant_key
 from extauthz.limits.resp import LoopConnections
@@ -65,13 +66,19 @@ class RedisCounters(Counters):
             raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
         self._acquire_text = _script("acquire.lua")
         self._acquire = self.redis.register_script(self._acquire_text)
-        # Redis's own silence is caught by the socket timeout, and the calls queued
-        # behind a failed round trip fail with it. The caller's wait is only a backstop
-        # for this process being starved of CPU (seen in CI: 300 checks at once on 2
-        # cores waited over 100 ms): generous, and under Envoy's 500 ms.
-        self._checks = ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
-        # Checks on the HTTP service's event loop talk to Redis from the loop itself.
+        # Checks on the HTTP service's event loop talk to Redis from the loop itself;
+        # the others (gRPC's threads) through a loop thread of their own. Both share
+        # round trips: the commands queued while one is in flight leave together.
+        # The callers' wait is only a backstop for this process being starved of CPU
+        # (seen in CI: 300 checks at once on 2 cores waited over 100 ms): generous, and
+        # under Envoy's 500 ms.
         self._on_loops = LoopConnections.for_client(self.redis, timeout)
+        self._checks: LoopThread | ScriptPipeline = (
+            LoopThread(self._on_loops, self._acquire.sha, self._acquire_text, timeout + 0.35)
+            if self._on_loops is not None
+            # TLS and Unix sockets: redis-py, pipelined from an I/O thread.
+            else ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
+        )
         self._acquire_args = AcquireArgs(lease_ttl)
         self._release = self.redis.register_script(_script("release.lua"))
         self._release_tenant = self.redis.register_script(_script("release_tenant.lua"))
@@ -102,7 +109,7 @@ class RedisCounters(Counters):
 
     def _call(self, keys: list[str], args: list[Any]) -> Any:
         """The acquire script's reply: from the event loop's own connection when the
-        check runs on one, else through the I/O thread."""
+        check runs on one, else through the Redis thread."""
         loop = suspend.current_loop()
         if loop is None or self._on_loops is None:
             return self._checks.call(keys, args)

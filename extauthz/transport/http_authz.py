@@ -299,15 +299,6 @@ class HttpAuthzServer:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 class HttpAuthzThread:
     """Runs an HttpAuthzServer on its own event loop in a background thread, so the main
     thread stays free for signals and the gRPC server."""
@@ -318,7 +309,7 @@ class HttpAuthzThread:
         import threading
 
         self.server = HttpAuthzServer(authorizer, metrics, waits)
-        self.loop = new_event_loop()
+        self.loop = suspend.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="extauthz-http", daemon=True
         )

@@ -6,13 +6,18 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from importlib import resources
+from typing import Any
 
 import pytest
 import redis
 
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Release
+from extauthz.limits.loopthread import LoopThread
+from extauthz.limits.pipeline import ScriptPipeline
 from extauthz.limits.redis import RedisCounters
+from extauthz.limits.redis_args import AcquireArgs
 from extauthz.policy import Limits, RateLimit
 from extauthz.testing import ManualClock
 from tests.loopchecks import LoopChecks
@@ -72,7 +77,7 @@ def test_a_wrong_tenant_hint_frees_nothing(counters: RedisCounters) -> None:
 
 def test_concurrent_checks_share_round_trips_and_stay_exact(counters: RedisCounters) -> None:
     """64 threads at once against 10 slots: exactly 10 win, and the 64 scripts went to
-    Redis in fewer round trips than calls (pipelined from one I/O thread)."""
+    Redis in fewer writes than calls (from the Redis thread's one connection)."""
     barrier = threading.Barrier(64)
     wins: list[bool] = []
 
@@ -86,8 +91,12 @@ def test_concurrent_checks_share_round_trips_and_stay_exact(counters: RedisCount
     for t in threads:
         t.join(30)
     assert sum(wins) == 10
+    assert isinstance(counters._checks, LoopThread)
     assert counters._checks.calls == 64
-    assert counters._checks.batches < 64
+    assert counters._on_loops is not None
+    (connection,) = counters._on_loops
+    assert connection.commands == 64
+    assert connection.writes < 64
 
 
 def test_every_key_has_a_ttl(counters: RedisCounters) -> None:
@@ -224,3 +233,36 @@ def test_redis_down_is_a_store_error_on_the_loop_too(
             loop_checks.run(lambda: dead.acquire(ask("x")), timeout=2.0)
     finally:
         dead.close()
+
+
+def test_the_redis_py_pipeline_for_tls_and_unix_urls_stays_exact(clock: ManualClock) -> None:
+    """rediss:// and unix:// checks go through redis-py, pipelined from an I/O thread
+    (limits/pipeline.py): 64 threads at once against 10 slots, exactly 10 win, in fewer
+    round trips than calls."""
+    client = redis.Redis()
+    script = client.register_script(
+        resources.files("extauthz.limits").joinpath("lua", "acquire.lua").read_text()
+    )
+    pipeline = ScriptPipeline(client, script, wait=1.0)
+    prefix, build = f"t{uuid.uuid4().hex}", AcquireArgs(30.0)
+    barrier = threading.Barrier(64)
+    replies: list[Any] = []
+
+    def one(i: int) -> None:
+        keys, args = build(Ask("t1", "k1", f"r{i}", TEN_SLOTS, "d"), prefix, 1000)
+        barrier.wait(10)
+        replies.append(pipeline.call(keys, args))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sum(int(reply[0]) for reply in replies) == 10
+        assert pipeline.calls == 64
+        assert pipeline.batches < 64
+    finally:
+        pipeline.close()
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
