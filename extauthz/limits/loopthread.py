@@ -18,6 +18,8 @@ from extauthz import suspend
 from extauthz.errors import StoreError
 from extauthz.limits.resp import LoopConnections
 
+Script = tuple[str, str, list[str], list[Any]]  # sha, text, KEYS, ARGV
+
 
 class LoopThread:
     def __init__(self, connections: LoopConnections, sha: str, script: str, wait: float) -> None:
@@ -35,34 +37,49 @@ class LoopThread:
         self._thread.start()
 
     def call(self, keys: list[str], args: list[Any]) -> Any:
-        """The script's reply for ``keys`` and ``args``; StoreError if Redis failed or
-        did not answer within ``wait``."""
+        """The acquire script's reply for ``keys`` and ``args``; StoreError if Redis
+        failed or did not answer within ``wait``."""
+        reply = self.run([(self.sha, self.script, keys, args)])[0]
+        if isinstance(reply, StoreError):
+            raise reply
+        return reply
+
+    def run(self, calls: list[Script]) -> list[Any]:
+        """Each (sha, script text, keys, args) call's reply, or its StoreError, sent
+        together; StoreError if they were not all answered within ``wait``."""
         done = _thread.allocate_lock()
         done.acquire()
-        answer: list[Any] = []
+        replies: list[Any] = [None] * len(calls)
+        left = [len(calls)]
 
-        def deliver(value: Any) -> None:  # on the loop's thread
-            answer.append(value)
-            done.release()
+        def answer(i: int) -> suspend.Deliver:
+            def deliver(value: Any) -> None:  # on the loop's thread
+                replies[i] = value
+                left[0] -= 1
+                if left[0] == 0:
+                    done.release()
 
-        self.calls += 1
+            return deliver
+
+        self.calls += len(calls)
         try:
-            self.loop.call_soon_threadsafe(self._send, keys, args, deliver)
+            self.loop.call_soon_threadsafe(
+                self._send, [(*call, answer(i)) for i, call in enumerate(calls)]
+            )
         except RuntimeError:
             raise StoreError("Redis counters are closed") from None
         if not done.acquire(timeout=self.wait):
             # Already written, it may still be charged (a slot that then expires by its
             # lease; a request counted once too often); not written yet, it never runs.
             raise StoreError(f"Redis counters did not answer within {self.wait * 1000:.0f} ms")
-        if isinstance(answer[0], StoreError):
-            raise answer[0]
-        return answer[0]
+        return replies
 
-    def _send(self, keys: list[str], args: list[Any], deliver: suspend.Deliver) -> None:
-        try:
-            self.connections.on(self.loop).evalsha(self.sha, self.script, keys, args, deliver)
-        except StoreError as exc:
-            deliver(exc)
+    def _send(self, calls: list[tuple[str, str, list[str], list[Any], suspend.Deliver]]) -> None:
+        for sha, script, keys, args, deliver in calls:
+            try:
+                self.connections.on(self.loop).evalsha(sha, script, keys, args, deliver)
+            except StoreError as exc:
+                deliver(exc)
 
     def close(self) -> None:
         if not self._thread.is_alive():

@@ -53,9 +53,14 @@ def test_scripts_flushed_by_a_restart_are_loaded_again(counters: RedisCounters) 
     assert counters.usage("t1", "2027-01-15") == (2, 20)
 
 
-def test_batched_releases_reload_scripts_redis_forgot(counters: RedisCounters) -> None:
+@pytest.mark.parametrize("client", ["redis thread", "redis-py (rediss://, unix://)"])
+def test_batched_releases_reload_scripts_redis_forgot(counters: RedisCounters, client: str) -> None:
     """BAD_INPUTS #17 on the access-log path: after SCRIPT FLUSH a batch release loads
-    the script again and frees each lease exactly once."""
+    the script again and frees each lease exactly once, through the Redis thread's
+    connection and through redis-py (what TLS and Unix-socket URLs use)."""
+    if client.startswith("redis-py"):
+        counters._checks.close()
+        counters._checks = ScriptPipeline(counters.redis, counters._acquire, wait=1.0)
     assert counters.acquire(ask("a")).allowed
     assert counters.acquire(ask("b")).allowed
     counters.redis.script_flush()
