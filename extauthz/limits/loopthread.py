@@ -47,6 +47,8 @@ class LoopThread:
     def run(self, calls: list[Script]) -> list[Any]:
         """Each (sha, script text, keys, args) call's reply, or its StoreError, sent
         together; StoreError if they were not all answered within ``wait``."""
+        if not calls:
+            return []
         done = _thread.allocate_lock()
         done.acquire()
         replies: list[Any] = [None] * len(calls)
@@ -61,7 +63,6 @@ class LoopThread:
 
             return deliver
 
-        self.calls += len(calls)
         try:
             self.loop.call_soon_threadsafe(
                 self._send, [(*call, answer(i)) for i, call in enumerate(calls)]
@@ -75,6 +76,7 @@ class LoopThread:
         return replies
 
     def _send(self, calls: list[tuple[str, str, list[str], list[Any], suspend.Deliver]]) -> None:
+        self.calls += len(calls)  # counted here, on the one loop thread, to be exact
         for sha, script, keys, args, deliver in calls:
             try:
                 self.connections.on(self.loop).evalsha(sha, script, keys, args, deliver)
