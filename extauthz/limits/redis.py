@@ -7,7 +7,8 @@ share a hash tag (``{tenant}``), so they live in one Redis Cluster slot; every k
 TTL. Leases are a sorted set per tenant (members expire by score); a small index from
 lease id to tenant lets the access log release a lease knowing only the request id.
 Checks on the HTTP service's event loop send their script on that loop's own connection
-(resp.py); other callers share the I/O thread's pipelined round trips (pipeline.py).
+(resp.py); other callers (gRPC's threads, the access log) hand theirs to a Redis thread
+running the same client (loopthread.py). rediss:// and unix:// use redis-py (pipeline.py).
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ def test_checks_on_an_event_loop_share_writes_and_stay_exact(
     counters: RedisCounters, loop_checks: LoopChecks
 ) -> None:
     """64 checks at once on the HTTP service's loop against 10 slots: exactly 10 win,
-    no I/O thread is involved, and the 64 scripts left in fewer writes than calls."""
+    the Redis thread is not involved, and the 64 scripts left in fewer writes than
+    calls."""
     verdicts = loop_checks.run(
         *(lambda i=i: counters.acquire(Ask("t1", "k1", f"r{i}", TEN_SLOTS, "d")) for i in range(64))
     )
