@@ -29,6 +29,7 @@ from extauthz.errors import StoreError
 log = logging.getLogger("extauthz.limits")
 
 Deliver = Callable[[Any], None]  # gets the reply, or the StoreError
+ScriptCall = tuple[str, str, list[str], list[Any]]  # sha, script text, KEYS, ARGV
 
 
 class _Waiting:
@@ -57,7 +58,6 @@ class LoopConnection(asyncio.Protocol):
         self._waiting: deque[_Waiting] = deque()
         self._out: list[bytes] = []
         self._flush_soon = False
-        self._in_flight = 0  # commands written whose replies are not all in
         self.commands = self.writes = 0  # sent so far, and in how many writes
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader()
@@ -94,7 +94,7 @@ class LoopConnection(asyncio.Protocol):
     def _send(self, command: bytes, deliver: Deliver, retry: tuple[Any, ...] | None = None) -> None:
         self._waiting.append(_Waiting(deliver, self.loop.time(), retry))
         self._out.append(command)
-        if not self._flush_soon and self._in_flight == 0:
+        if not self._flush_soon and not self._in_flight():
             # Everything queued in this turn of the loop goes in one write.
             self._flush_soon = True
             self.loop.call_soon(self._flush)
@@ -106,12 +106,16 @@ class LoopConnection(asyncio.Protocol):
         replies are in, together. At low load each command leaves at once; under load a
         write (and Redis's read) carries many commands."""
         self._flush_soon = False
-        if self._transport is not None and self._out and self._in_flight == 0:
-            self._in_flight = len(self._out)
-            self.commands += self._in_flight
+        if self._transport is not None and self._out and not self._in_flight():
+            self.commands += len(self._out)
             self.writes += 1
             self._transport.write(b"".join(self._out))
             self._out.clear()
+
+    def _in_flight(self) -> bool:
+        """Whether written commands still wait for replies (every waiting call not in
+        the unwritten queue has been written)."""
+        return len(self._waiting) > len(self._out)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.closed:
@@ -134,7 +138,6 @@ class LoopConnection(asyncio.Protocol):
                 self._break(StoreError("Redis counters failed: a reply nobody asked for"))
                 return
             waiting = self._waiting.popleft()
-            self._in_flight -= 1
             if isinstance(reply, hiredis.ReplyError):
                 if waiting.retry is not None and str(reply).startswith("NOSCRIPT"):
                     # Redis restarted (BAD_INPUTS #17): the script did not run at all.
@@ -145,7 +148,7 @@ class LoopConnection(asyncio.Protocol):
             if self.closed:
                 return  # broken meanwhile: the remaining waiters have had their error
 
-        if self._in_flight <= 0 and self._out:
+        if self._out and not self._in_flight():
             self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
