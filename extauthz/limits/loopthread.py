@@ -16,9 +16,7 @@ from typing import Any
 
 from extauthz import suspend
 from extauthz.errors import StoreError
-from extauthz.limits.resp import LoopConnections
-
-Script = tuple[str, str, list[str], list[Any]]  # sha, text, KEYS, ARGV
+from extauthz.limits.resp import LoopConnections, ScriptCall
 
 
 class LoopThread:
@@ -44,7 +42,7 @@ class LoopThread:
             raise reply
         return reply
 
-    def run(self, calls: list[Script]) -> list[Any]:
+    def run(self, calls: list[ScriptCall]) -> list[Any]:
         """Each (sha, script text, keys, args) call's reply, or its StoreError, sent
         together; StoreError if they were not all answered within ``wait``."""
         if not calls:

@@ -22,16 +22,32 @@ from redis.commands.core import Script
 
 from extauthz import suspend
 from extauthz.errors import StoreError
+from extauthz.limits.resp import ScriptCall
 
 log = logging.getLogger("extauthz.limits")
 
 
 class _Call:
-    __slots__ = ("answered", "args", "cancelled", "done", "error", "keys", "on_done", "result")
+    __slots__ = (
+        "answered",
+        "args",
+        "cancelled",
+        "done",
+        "error",
+        "keys",
+        "on_done",
+        "result",
+        "script",
+    )
 
     def __init__(
-        self, keys: list[str], args: list[Any], on_done: Callable[[_Call], None] | None = None
+        self,
+        script: tuple[str, str],
+        keys: list[str],
+        args: list[Any],
+        on_done: Callable[[_Call], None] | None = None,
     ) -> None:
+        self.script = script  # sha, text
         self.keys = keys
         self.args = args
         self.on_done = on_done
@@ -47,14 +63,15 @@ class _Call:
 
 
 class ScriptPipeline:
-    """Runs ``script`` for each caller, batching the calls that wait at the same time
-    into one round trip."""
+    """Runs ``script`` (or the script a call names) for each caller, batching the
+    calls that wait at the same time into one round trip."""
 
     def __init__(
         self, client: redis.Redis, script: Script, wait: float, max_batch: int = 128
     ) -> None:
         self.client = client
-        self.script = script
+        text = script.script
+        self.script = (script.sha, text if isinstance(text, str) else bytes(text).decode())
         self.wait = wait  # the most a caller waits for its answer
         self.max_batch = max_batch
         self.batches = 0
@@ -66,10 +83,14 @@ class ScriptPipeline:
         self._thread.start()
 
     def submit(
-        self, keys: list[str], args: list[Any], on_done: Callable[[_Call], None] | None = None
+        self,
+        keys: list[str],
+        args: list[Any],
+        on_done: Callable[[_Call], None] | None = None,
+        script: tuple[str, str] | None = None,
     ) -> _Call:
         """Queue a call; ``on_done(call)`` runs on the I/O thread when it is answered."""
-        call = _Call(keys, args, on_done)
+        call = _Call(script or self.script, keys, args, on_done)
         with self._ready:
             if self._closed:
                 raise StoreError("Redis counters are closed")
@@ -90,6 +111,18 @@ class ScriptPipeline:
             submitted[0].cancelled = True
             raise StoreError(f"Redis counters did not answer within {self.wait * 1000:.0f} ms")
         return _reply(outcome)
+
+    def run(self, calls: list[ScriptCall]) -> list[Any]:
+        """Each (sha, script text, keys, args) call's reply, or its StoreError, sent
+        together (blocking: for threads, not a check greenlet)."""
+        submitted = [self.submit(keys, args, script=(sha, text)) for sha, text, keys, args in calls]
+        replies: list[Any] = []
+        for call in submitted:
+            try:
+                replies.append(self.result(call))
+            except StoreError as exc:
+                replies.append(exc)
+        return replies
 
     def result(self, call: _Call) -> Any:
         """Block until ``call`` is answered (at most ``wait``); its reply or StoreError."""
@@ -121,8 +154,9 @@ class ScriptPipeline:
         try:
             retry = self._round_trip(batch)
             if retry:
-                # Redis restarted and forgot the script (BAD_INPUTS #17).
-                self.client.script_load(self.script.script)
+                # Redis restarted and forgot the scripts (BAD_INPUTS #17).
+                for text in {call.script[1] for call in retry}:
+                    self.client.script_load(text)
                 self._round_trip(retry)
         except redis.RedisError as exc:
             error = StoreError(f"Redis counters failed: {exc}")
@@ -147,7 +181,7 @@ class ScriptPipeline:
         did not run at all, so running them again is safe)."""
         with self.client.pipeline(transaction=False) as pipe:
             for call in calls:
-                pipe.evalsha(self.script.sha, len(call.keys), *call.keys, *call.args)
+                pipe.evalsha(call.script[0], len(call.keys), *call.keys, *call.args)
             replies = pipe.execute(raise_on_error=False)
         retry = []
         for call, reply in zip(calls, replies, strict=True):

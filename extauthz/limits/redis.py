@@ -26,10 +26,10 @@ from extauthz import suspend
 from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
-from extauthz.limits.loopthread import LoopThread, Script
+from extauthz.limits.loopthread import LoopThread
 from extauthz.limits.pipeline import ScriptPipeline
 from extauthz.limits.redis_args import DAY_TTL, AcquireArgs, tenant_key
-from extauthz.limits.resp import LoopConnections
+from extauthz.limits.resp import LoopConnections, ScriptCall
 from extauthz.policy import Limits
 
 
@@ -169,40 +169,18 @@ class RedisCounters(Counters):
         return results
 
     def _release_hinted(self, groups: list[tuple[str, list[Release]]]) -> list[Any]:
-        calls: list[Script] = []
+        calls: list[ScriptCall] = []
         for tenant, releases in groups:
             args: list[Any] = [self._k(tenant, "day:"), f"{self.prefix}:lease:"]
             for r in releases:
                 args += (r.lease_id, -1 if r.actual_tokens is None else r.actual_tokens)
             keys = [self._k(tenant, "leases"), self._k(tenant, "lease-payloads")]
             calls.append((self._release_tenant.sha, self._release_text, keys, args))
-        if isinstance(self._checks, LoopThread):
-            replies = self._checks.run(calls)  # in one round trip, NOSCRIPT handled there
-        else:
-            replies = self._release_by_redis_py(calls)
-        failed = next((x for x in replies if isinstance(x, Exception)), None)
+        replies = self._checks.run(calls)  # one round trip; scripts Redis forgot reloaded
+        failed = next((x for x in replies if isinstance(x, StoreError)), None)
         if failed is not None:
-            raise failed if isinstance(failed, StoreError) else _failed(failed)
+            raise failed
         return replies
-
-    def _release_by_redis_py(self, calls: list[Script]) -> list[Any]:
-        for _attempt in (1, 2):
-            try:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for sha, _text, keys, args in calls:
-                        pipe.evalsha(sha, len(keys), *keys, *args)
-                    replies = pipe.execute(raise_on_error=False)
-            except redis.RedisError as exc:
-                raise _failed(exc) from None
-            if not any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
-                break
-            # Redis restarted (BAD_INPUTS #17): load the script and run the batch again;
-            # a release that did run finds nothing the second time.
-            try:
-                self.redis.script_load(self._release_text)
-            except redis.RedisError as exc:
-                raise _failed(exc) from None
-        return list(replies)
 
     def add_usage(self, tenant_id: str, day: str, requests: int = 0, tokens: int = 0) -> None:
         key = self._k(tenant_id, f"day:{day}")
@@ -280,10 +258,6 @@ class RedisCounters(Counters):
             self._on_loops.close()
         self._checks.close()
         self.redis.close()
-
-
-def _failed(exc: Exception) -> StoreError:
-    return StoreError(f"Redis counters failed: {exc}")
 
 
 def _settlement(raw: bytes | str, actual: int | None) -> Settlement:
