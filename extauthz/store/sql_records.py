@@ -115,19 +115,17 @@ class SQLRecords:
         limit: int | None = None,
         newest_first: bool = False,
     ) -> list[AuditEvent]:
-        where, args = ["seq > ?"], list[object]([after_seq])
-        for column, value in (("tenant_id", tenant_id), ("action", action), ("key_id", key_id)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("ts < ?")
-            args.append(until)
+        clause, args = _where(
+            [
+                ("seq > ?", after_seq),
+                ("tenant_id = ?", tenant_id),
+                ("action = ?", action),
+                ("key_id = ?", key_id),
+                ("ts >= ?", since),
+                ("ts < ?", until),
+            ]
+        )
         order = "DESC" if newest_first else "ASC"
-        clause = " AND ".join(where)
         sql = f"SELECT {_AUDIT_COLS} FROM audit_events WHERE {clause} ORDER BY seq {order}"  # noqa: S608 - constant fragments, values bound
         if limit is not None:
             sql += " LIMIT ?"
@@ -211,19 +209,10 @@ class SQLRecords:
         since: float | None = None,
         until: float | None = None,
     ) -> list[UsageRecord]:
-        where, args = ["1 = 1"], list[object]()
-        if tenant_id is not None:
-            where.append("tenant_id = ?")
-            args.append(tenant_id)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("ts < ?")
-            args.append(until)
+        clause, args = _where([("tenant_id = ?", tenant_id), ("ts >= ?", since), ("ts < ?", until)])
         with self._tx() as cur:
             rows = cur.execute(
-                f"SELECT {_USAGE_COLS} FROM usage_records WHERE {' AND '.join(where)} "  # noqa: S608 - constant fragments, values bound
+                f"SELECT {_USAGE_COLS} FROM usage_records WHERE {clause} "  # noqa: S608 - constant fragments, values bound
                 "ORDER BY ts, request_id",
                 args,
             ).fetchall()
@@ -290,3 +279,10 @@ def _usage(row: Sequence[Any]) -> UsageRecord:
     values = list(row)
     values[-1] = bool(values[-1])
     return UsageRecord(*values)
+
+
+def _where(conditions: list[tuple[str, object]]) -> tuple[str, list[object]]:
+    """A WHERE clause of the conditions whose value is given (not None), and its
+    arguments; conditions are constant SQL fragments with one placeholder each."""
+    given = [(sql, value) for sql, value in conditions if value is not None]
+    return " AND ".join(sql for sql, _ in given) or "1 = 1", [value for _, value in given]
