@@ -7,8 +7,9 @@ share a hash tag (``{tenant}``), so they live in one Redis Cluster slot; every k
 TTL. Leases are a sorted set per tenant (members expire by score); a small index from
 lease id to tenant lets the access log release a lease knowing only the request id.
 Checks on the HTTP service's event loop send their script on that loop's own connection
-(resp.py); other callers (gRPC's threads, the access log) hand theirs to a Redis thread
-running the same client (loopthread.py). rediss:// and unix:// use redis-py (pipeline.py).
+(resp.py); other callers (gRPC's threads, the access log) send theirs on a blocking
+connection of their own thread (blocking.py). rediss:// and unix:// use redis-py
+(pipeline.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from extauthz import suspend
 from extauthz.clock import Clock
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
-from extauthz.limits.loopthread import LoopThread
+from extauthz.limits.blocking import ThreadConnections
 from extauthz.limits.pipeline import ScriptPipeline
 from extauthz.limits.redis_args import DAY_TTL, AcquireArgs, tenant_key
 from extauthz.limits.resp import LoopConnections, ScriptCall
@@ -67,15 +68,22 @@ class RedisCounters(Counters):
             raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
         self._acquire_text = _script("acquire.lua")
         self._acquire = self.redis.register_script(self._acquire_text)
-        # Checks on the HTTP service's event loop talk to Redis from the loop itself;
-        # the others (gRPC's threads) through a loop thread of their own. Both share
-        # round trips: the commands queued while one is in flight leave together.
-        # The callers' wait is only a backstop for this process being starved of CPU
-        # (seen in CI: 300 checks at once on 2 cores waited over 100 ms): generous, and
-        # under Envoy's 500 ms.
+        # Checks on the HTTP service's event loop talk to Redis from the loop itself,
+        # where the commands queued while one write is in flight leave together; the
+        # others (gRPC's threads, the access log) on their own thread's connection.
+        # Every receive waits at most ``timeout``; ``wait`` bounds a reply in pieces
+        # and a caller starved of CPU (seen in CI: 300 checks at once on 2 cores waited
+        # over 100 ms): generous, and under Envoy's 500 ms.
         self._on_loops = LoopConnections.for_client(self.redis, timeout)
-        self._checks: LoopThread | ScriptPipeline = (
-            LoopThread(self._on_loops, self._acquire.sha, self._acquire_text, timeout + 0.35)
+        self._checks: ThreadConnections | ScriptPipeline = (
+            ThreadConnections(
+                self._on_loops.address,
+                timeout,
+                self._on_loops.hello,
+                sha=self._acquire.sha,
+                script=self._acquire_text,
+                wait=timeout + 0.35,
+            )
             if self._on_loops is not None
             # TLS and Unix sockets: redis-py, pipelined from an I/O thread.
             else ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
@@ -111,7 +119,7 @@ class RedisCounters(Counters):
 
     def _call(self, keys: list[str], args: list[Any]) -> Any:
         """The acquire script's reply: from the event loop's own connection when the
-        check runs on one, else through the Redis thread."""
+        check runs on one, else from this thread's own connection."""
         loop = suspend.current_loop()
         if loop is None or self._on_loops is None:
             return self._checks.call(keys, args)

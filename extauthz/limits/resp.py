@@ -79,7 +79,7 @@ class LoopConnection(asyncio.Protocol):
 
     def _hello_answered(self, reply: Any) -> None:
         if isinstance(reply, Exception):
-            self._break(reply if isinstance(reply, StoreError) else _error(reply))
+            self._break(reply if isinstance(reply, StoreError) else error(reply))
 
     def evalsha(
         self, sha: str, script: str, keys: list[str], args: list[Any], deliver: Deliver
@@ -143,7 +143,7 @@ class LoopConnection(asyncio.Protocol):
                     # Redis restarted (BAD_INPUTS #17): the script did not run at all.
                     self._send(hiredis.pack_command(waiting.retry), waiting.deliver)
                     continue
-                reply = _error(reply)
+                reply = error(reply)
             _deliver(waiting.deliver, reply)  # the check runs on from here
             if self.closed:
                 return  # broken meanwhile: the remaining waiters have had their error
@@ -244,7 +244,8 @@ class LoopConnections:
         return iter(list(self._by_loop.values()))
 
 
-def _error(reply: Exception) -> StoreError:
+def error(reply: Exception) -> StoreError:
+    """A Redis error reply as the StoreError callers get."""
     return StoreError(f"Redis counters failed: {reply}")
 
 

@@ -38,7 +38,7 @@ BUDGET = 0.25
 
 
 class Stack:
-    """Checks made on the caller's thread (gRPC's way, Redis through the Redis thread),
+    """Checks made on the caller's thread (gRPC's way, Redis on the thread's own connection),
     or with ``loop`` as greenlets on an event loop (the HTTP service's way, Redis
     through the loop's own connection)."""
 
