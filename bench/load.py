@@ -149,22 +149,49 @@ def check_request(key: str, path: str = "/bench") -> bytes:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` and all its descendants (threads included)."""
     ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for proc in _tree(pid):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid`` and its descendants: each
+    is a thread going to sleep (on I/O, a lock or the GIL) and being woken again, which
+    on the bench's VM costs several microseconds of CPU (README, Benchmarks)."""
+    total = 0
+    for proc in _tree(pid):
+        try:
+            tasks = list((proc / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            total += int(status.split("voluntary_ctxt_switches:", 1)[1].split()[0])
+    return total
+
+
+def _tree(pid: int) -> list[Path]:
+    """/proc entries of ``pid`` and all its descendants."""
     children: dict[int, list[int]] = {}
-    stats: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            raw = (entry / "stat").read_text()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        fields = raw.rsplit(")", 1)[1].split()
-        ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
-        stats[int(entry.name)] = (ppid, (utime + stime) / ticks)
         children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [pid]
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
-        total += stats.get(current, (0, 0.0))[1]
+        found.append(Path("/proc") / str(current))
         todo += children.get(current, [])
-    return total
+    return found

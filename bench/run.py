@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import core
-from bench.load import check_request, cpu_seconds, grpc_frame, h2load_grpc, require_tools, wrk
+from bench.load import (
+    check_request,
+    context_switches,
+    cpu_seconds,
+    grpc_frame,
+    h2load_grpc,
+    require_tools,
+    wrk,
+)
 from bench.setups import (
     BENCH_TENANT,
     SETUPS,
@@ -54,9 +62,12 @@ def measure(
         wrk(running.url, 1, headers)  # warm-up: connections, caches
         uses_redis = bool(backends(setup))
         before = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
+        switches = context_switches(running.sidecar.pid) if running.sidecar else 0
         redis_before = redis_cpu_seconds() if uses_redis else 0.0
         peak = wrk(running.url, seconds, headers)
         after = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
+        if running.sidecar:
+            switches = context_switches(running.sidecar.pid) - switches
         redis_after = redis_cpu_seconds() if uses_redis else 0.0
         fixed = wrk(running.url, max(2.0, seconds / 2), headers, RATE_CONNECTIONS, RATE_DELAY_MS)
         single = wrk(running.url, max(2.0, seconds / 3), headers, connections=1)
@@ -70,6 +81,7 @@ def measure(
         "bad": peak.bad,
         "requests": peak.requests,
         "cpu_us_per_check": (after - before) / peak.requests * 1e6 if running.sidecar else None,
+        "switches_per_check": switches / peak.requests if running.sidecar else None,
         "redis_us_per_check": (
             (redis_after - redis_before) / peak.requests * 1e6 if uses_redis else None
         ),
@@ -151,6 +163,7 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
     )
     print(
         f"{'setup':40} {'req/s':>8} {'xA':>5} {'p50ms':>6} {'p99ms':>6} {'CPU us/chk':>10} "
+        f"{'sw/chk':>6} "
         f"| {'@~1k/s':>6} {'p50ms':>6} {'p99ms':>6} {'+p50':>6} {'+p99':>6} "
         f"| {'1conn p50':>9} {'+p50':>6}"
     )
@@ -158,7 +171,9 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
     for setup, s in summary.items():
         label = SETUPS[setup]
         cpu = (
-            f"{s['cpu_us_per_check']:10.0f}" if s["cpu_us_per_check"] is not None else f"{'-':>10}"
+            f"{s['cpu_us_per_check']:10.0f} {s['switches_per_check']:6.2f}"
+            if s["cpu_us_per_check"] is not None
+            else f"{'-':>10} {'-':>6}"
         )
         print(
             f"{setup + ' ' + label:40} {s['rps']:8.0f} {s['ratio']:5.2f} {s['p50_ms']:6.2f} "
