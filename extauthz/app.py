@@ -27,7 +27,7 @@ from extauthz.limits.memory import MemoryCounters
 from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
 from extauthz.limits.redis import RedisCounters
 from extauthz.policy import Policy, load_policy
-from extauthz.settings import Settings
+from extauthz.settings import REDIS_SCHEMES, Settings
 from extauthz.store import Store, open_store
 from extauthz.telemetry.metrics import Metrics
 from extauthz.telemetry.tracing import CheckTracer, make_provider
@@ -144,7 +144,7 @@ class Runtime:
         counters: Counters
         journal = None
         try:
-            if settings.counters_url.startswith(("redis://", "rediss://")):
+            if settings.counters_url.startswith(REDIS_SCHEMES):
                 counters = GuardedCounters(
                     RedisCounters(
                         settings.counters_url, settings.lease_ttl, timeout=settings.counters_timeout

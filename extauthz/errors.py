@@ -9,10 +9,21 @@
     └── StoreError                the database failed (driver errors are wrapped here)
 
 No message ever contains an API key, a key hash or the pepper: callers name keys by
-their public key id only.
+their public key id only; a database or Redis URL appears only through redact().
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class ExtauthzError(Exception):

@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
-from extauthz.errors import ConfigError
+from extauthz.errors import ConfigError, redact
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?")
 MODES = ("grpc", "http", "both")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # counters_url: shared counters
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
@@ -180,8 +181,11 @@ def _positive_duration(value: object, what: str) -> float:
 
 def _counters_url(value: object, what: str) -> str:
     url = str(value).strip()
-    if url != "memory://" and not url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"{what}: {url!r}: use memory:// or redis://HOST:PORT/DB")
+    if url != "memory://" and not url.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{what}: {redact(url)!r}: use memory://, redis://HOST:PORT/DB, "
+            "rediss://HOST:PORT/DB (TLS) or unix:///PATH/TO/redis.sock"
+        )
     return url
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import hiredis
 
 from extauthz.errors import StoreError
+from extauthz.limits.endpoint import Endpoint
 from extauthz.limits.resp import ScriptCall, error
 
 _READ = 65536
@@ -34,35 +36,33 @@ _READ = 65536
 class BlockingConnection:
     """One connection, used by one thread at a time."""
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        timeout: float,
-        hello: Sequence[Sequence[Any]] = (),
-        wait: float | None = None,
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, timeout: float, wait: float | None = None) -> None:
         self.timeout = timeout
         # Each receive waits at most ``timeout``; a reply in several pieces at most
         # ``wait`` in all (a backstop, like Envoy's own timeout above it).
         self.wait = wait if wait is not None else timeout
         try:
-            self._sock = socket.create_connection(address, timeout)
+            self._sock = endpoint.connect(timeout)  # TLS handshake included
         except OSError as exc:
             reason = str(exc) or f"no connection within {timeout * 1000:.0f} ms"
             raise StoreError(f"Redis counters failed: {reason}") from None
         # Closed with its thread too (the thread's local is dropped when it ends).
         weakref.finalize(self, self._sock.close)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Blocking, with the kernel's timeouts: Python's own timeout would poll before
-        # every send and receive.
-        self._sock.settimeout(None)
-        seconds, micros = int(timeout), max(1, int(timeout % 1 * 1_000_000))
-        limit = struct.pack("ll", seconds, micros)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        if isinstance(self._sock, ssl.SSLSocket):
+            # Python's own timeout: on a blocking TLS socket, OpenSSL's "want read"
+            # after the kernel's timeout is retried forever.
+            self._sock.settimeout(timeout)
+        else:
+            # Blocking, with the kernel's timeouts: Python's own timeout would poll
+            # before every send and receive.
+            self._sock.settimeout(None)
+            seconds, micros = int(timeout), max(1, int(timeout % 1 * 1_000_000))
+            limit = struct.pack("ll", seconds, micros)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self._reader = hiredis.Reader()
         self.closed = False
-        for reply in self._exchange([hiredis.pack_command(tuple(c)) for c in hello]):
+        for reply in self._exchange([hiredis.pack_command(tuple(c)) for c in endpoint.hello]):
             if isinstance(reply, hiredis.ReplyError):  # AUTH, SELECT
                 self.close()
                 raise error(reply)
@@ -111,7 +111,7 @@ class BlockingConnection:
                 if not data:
                     raise StoreError("Redis counters failed: connection closed by Redis")
                 self._reader.feed(data)
-        except (BlockingIOError, TimeoutError):
+        except (BlockingIOError, TimeoutError):  # the kernel's timeout (EAGAIN), or Python's
             self.close()
             raise StoreError(
                 f"Redis counters did not answer within {self.timeout * 1000:.0f} ms"
@@ -136,19 +136,11 @@ class ThreadConnections:
     one broke."""
 
     def __init__(
-        self,
-        address: tuple[str, int],
-        timeout: float,
-        hello: Sequence[Sequence[Any]],
-        *,
-        sha: str,
-        script: str,
-        wait: float,
+        self, endpoint: Endpoint, timeout: float, *, sha: str, script: str, wait: float
     ) -> None:
-        self.address = address
+        self.endpoint = endpoint
         self.timeout = timeout
         self.wait = wait
-        self.hello = hello
         self.sha = sha
         self.script = script
         self.calls = 0  # scripts run (tests); a lost count under a race is harmless
@@ -184,7 +176,7 @@ class ThreadConnections:
             return connection
         if self._closed:
             raise StoreError("Redis counters are closed")
-        connection = BlockingConnection(self.address, self.timeout, self.hello, self.wait)
+        connection = BlockingConnection(self.endpoint, self.timeout, self.wait)
         self._local.connection = connection
         with self._lock:
             self._open.add(connection)

@@ -1,6 +1,6 @@
-"""Concurrent checks share Redis round trips, through redis-py: what ``rediss://`` and
-``unix://`` counters URLs use (``redis://`` has its own clients, resp.py and
-blocking.py).
+"""Concurrent checks share Redis round trips, through redis-py: what a ``rediss://`` URL
+uses when it names a TLS option extauthz's own clients (resp.py, blocking.py) do not
+handle (endpoint.py).
 
 Every check still runs its own script, in exactly one round trip, but the checks that
 arrive while a round trip is in flight go together in the next one, pipelined, from a

@@ -1,4 +1,4 @@
-"""Counters in Redis (``redis://``, ``rediss://``), shared by every replica.
+"""Counters in Redis (``redis://``, ``rediss://``, ``unix://``), shared by every replica.
 
 One Lua script per check (lua/acquire.lua) tests every limit and charges all or none,
 on Redis's own clock (``TIME``), so replicas' clocks do not matter. Scripts are called by
@@ -8,8 +8,8 @@ TTL. Leases are a sorted set per tenant (members expire by score); a small index
 lease id to tenant lets the access log release a lease knowing only the request id.
 Checks on the HTTP service's event loop send their script on that loop's own connection
 (resp.py); other callers (gRPC's threads, the access log) send theirs on a blocking
-connection of their own thread (blocking.py). rediss:// and unix:// use redis-py
-(pipeline.py).
+connection of their own thread (blocking.py); both over TCP, TLS or a Unix socket
+(endpoint.py). Only TLS options those do not handle keep redis-py (pipeline.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from redis.retry import Retry
 
 from extauthz import suspend
 from extauthz.clock import Clock
-from extauthz.errors import StoreError
+from extauthz.errors import StoreError, redact
 from extauthz.limits.base import Ask, Counters, Release, Settlement, Verdict
 from extauthz.limits.blocking import ThreadConnections
+from extauthz.limits.endpoint import Endpoint
 from extauthz.limits.pipeline import ScriptPipeline
 from extauthz.limits.redis_args import DAY_TTL, AcquireArgs, tenant_key
 from extauthz.limits.resp import LoopConnections, ScriptCall
@@ -65,7 +66,7 @@ class RedisCounters(Counters):
                 retry_on_timeout=False,
             )
         except ValueError as exc:
-            raise StoreError(f"bad Redis URL {url!r}: {exc}") from None
+            raise StoreError(f"bad Redis URL {redact(url)!r}: {exc}") from None
         self._acquire_text = _script("acquire.lua")
         self._acquire = self.redis.register_script(self._acquire_text)
         # Checks on the HTTP service's event loop talk to Redis from the loop itself,
@@ -74,18 +75,19 @@ class RedisCounters(Counters):
         # Every receive waits at most ``timeout``; ``wait`` bounds a reply in pieces
         # and a caller starved of CPU (seen in CI: 300 checks at once on 2 cores waited
         # over 100 ms): generous, and under Envoy's 500 ms.
-        self._on_loops = LoopConnections.for_client(self.redis, timeout)
+        endpoint = Endpoint.from_client(self.redis)
+        self._on_loops = None if endpoint is None else LoopConnections(endpoint, timeout)
         self._checks: ThreadConnections | ScriptPipeline = (
             ThreadConnections(
-                self._on_loops.address,
+                endpoint,
                 timeout,
-                self._on_loops.hello,
                 sha=self._acquire.sha,
                 script=self._acquire_text,
                 wait=timeout + 0.35,
             )
-            if self._on_loops is not None
-            # TLS and Unix sockets: redis-py, pipelined from an I/O thread.
+            if endpoint is not None
+            # TLS options the two clients do not handle: redis-py, pipelined from an
+            # I/O thread.
             else ScriptPipeline(self.redis, self._acquire, wait=timeout + 0.35)
         )
         self._acquire_args = AcquireArgs(lease_ttl)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import hiredis
-import redis
 
 from extauthz import suspend
 from extauthz.errors import StoreError
+from extauthz.limits.endpoint import Endpoint
 
 log = logging.getLogger("extauthz.limits")
 
@@ -46,13 +46,7 @@ class _Waiting:
 class LoopConnection(asyncio.Protocol):
     """One connection to Redis, used only from ``loop``'s thread."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        address: tuple[str, int],
-        timeout: float,
-        hello: Sequence[Sequence[Any]] = (),
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
         self._waiting: deque[_Waiting] = deque()
@@ -64,15 +58,14 @@ class LoopConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._suspect: _Waiting | None = None
         self.closed = False
-        for command in hello:  # AUTH, SELECT: their errors break the connection
+        for command in endpoint.hello:  # AUTH, SELECT: their errors break the connection
             self._send(hiredis.pack_command(tuple(command)), self._hello_answered)
-        loop.create_task(self._connect(address))
+        loop.create_task(self._connect(endpoint))
 
-    async def _connect(self, address: tuple[str, int]) -> None:
+    async def _connect(self, endpoint: Endpoint) -> None:
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: self, *address), self.timeout
-            )
+            # The TLS handshake, if any, within the same bound.
+            await asyncio.wait_for(endpoint.open_on(self.loop, lambda: self), self.timeout)
         except (OSError, TimeoutError) as exc:
             reason = str(exc) or f"no connection within {self.timeout * 1000:.0f} ms"
             self._break(StoreError(f"Redis counters failed: {reason}"))
@@ -197,32 +190,10 @@ class LoopConnections:
     """One LoopConnection per event loop, opened on first use there and again after it
     broke, closed when the loop's server stops."""
 
-    def __init__(
-        self, address: tuple[str, int], timeout: float, hello: Sequence[Sequence[Any]]
-    ) -> None:
-        self.address = address
+    def __init__(self, endpoint: Endpoint, timeout: float) -> None:
+        self.endpoint = endpoint
         self.timeout = timeout
-        self.hello = hello
         self._by_loop: dict[asyncio.AbstractEventLoop, LoopConnection] = {}
-
-    @classmethod
-    def for_client(cls, client: redis.Redis, timeout: float) -> LoopConnections | None:
-        """The same server, database and credentials as ``client`` (a redis-py client
-        made from the URL); None for TLS and Unix sockets, which stay with redis-py."""
-        pool = client.connection_pool
-        if pool.connection_class is not redis.connection.Connection:
-            return None
-        kwargs = pool.connection_kwargs
-        hello: list[tuple[Any, ...]] = []
-        if kwargs.get("password"):
-            user = kwargs.get("username")
-            hello.append(
-                ("AUTH", user, kwargs["password"]) if user else ("AUTH", kwargs["password"])
-            )
-        if kwargs.get("db"):
-            hello.append(("SELECT", kwargs["db"]))
-        address = (kwargs.get("host") or "localhost", int(kwargs.get("port") or 6379))
-        return cls(address, timeout, hello)
 
     def on(self, loop: asyncio.AbstractEventLoop) -> LoopConnection:
         """``loop``'s connection; call on the loop's thread."""
@@ -230,7 +201,7 @@ class LoopConnections:
         if connection is None or connection.closed:
             if connection is None:
                 suspend.on_loop_end(loop, lambda: self._by_loop.pop(loop).close())
-            connection = LoopConnection(loop, self.address, self.timeout, self.hello)
+            connection = LoopConnection(loop, self.endpoint, self.timeout)
             self._by_loop[loop] = connection
         return connection
 

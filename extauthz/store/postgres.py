@@ -24,14 +24,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
 from extauthz import suspend
-from extauthz.errors import ConfigError, ConflictError, StoreError
+from extauthz.errors import ConfigError, ConflictError, StoreError, redact
 from extauthz.model import APIKey, Tenant
 from extauthz.store.sql import LOOKUP, SQLStore
 
@@ -152,15 +151,6 @@ class _Cursor:
 
     def fetchall(self) -> list[Any]:
         return self._cur.fetchall()
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class PostgresStore(SQLStore):

@@ -17,6 +17,7 @@ import redis
 from extauthz.errors import StoreError
 from extauthz.limits.base import Ask
 from extauthz.limits.blocking import BlockingConnection, ThreadConnections
+from extauthz.limits.endpoint import Endpoint
 from extauthz.limits.redis_args import AcquireArgs
 from extauthz.policy import Limits, RateLimit
 
@@ -45,7 +46,7 @@ def acquire_call(prefix: str, lease: str) -> tuple[str, str, list[str], list[obj
 def test_a_silent_server_is_a_store_error_within_the_timeout(silent: tuple[str, int]) -> None:
     """Redis blackholed after connecting: the call fails with StoreError after about
     the 50 ms timeout, not Envoy's 500 ms, and the broken connection is closed."""
-    connection = BlockingConnection(silent, 0.05)
+    connection = BlockingConnection(Endpoint(silent), 0.05)
     started = time.monotonic()
     with pytest.raises(StoreError, match="did not answer within 50 ms"):
         connection.run([acquire_call("p", "a")])
@@ -56,13 +57,13 @@ def test_a_silent_server_is_a_store_error_within_the_timeout(silent: tuple[str, 
 def test_nothing_listening_is_a_store_error() -> None:
     """A refused connection is StoreError at once, naming no secret."""
     with pytest.raises(StoreError, match="Redis counters failed"):
-        BlockingConnection(("127.0.0.1", 9), 0.05)
+        BlockingConnection(Endpoint(("127.0.0.1", 9)), 0.05)
 
 
 def test_closing_wakes_a_call_blocked_on_the_connection(silent: tuple[str, int]) -> None:
     """Shutting down (close from another thread) ends a waiting call with StoreError
     at once, instead of leaving it until its timeout."""
-    connection = BlockingConnection(silent, 5.0)
+    connection = BlockingConnection(Endpoint(silent), 5.0)
     errors: list[Exception] = []
 
     def wait() -> None:
@@ -87,7 +88,7 @@ def test_each_thread_has_its_own_connection_and_a_broken_one_is_replaced() -> No
     call opens a new one and succeeds; calls after close() are refused."""
     prefix = f"t{uuid.uuid4().hex}"
     clients = ThreadConnections(
-        ("127.0.0.1", 6379), 0.5, (), sha=sha_of(SCRIPT), script=SCRIPT, wait=1.0
+        Endpoint(("127.0.0.1", 6379)), 0.5, sha=sha_of(SCRIPT), script=SCRIPT, wait=1.0
     )
     seen: list[BlockingConnection] = []
 

@@ -66,6 +66,21 @@ def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
         load_settings(environ=env)
 
 
+def test_counters_urls_take_every_redis_scheme_and_a_bad_one_hides_its_password() -> None:
+    """memory://, redis://, rediss:// and unix:// are counters URLs; anything else is a
+    ConfigError that lists them and never shows the URL's password."""
+    for url in (
+        "memory://",
+        "redis://h:6379/0",
+        "rediss://u:p@h:6380/1?ssl_ca_certs=/ca.pem",
+        "unix:///run/redis.sock?db=2",
+    ):
+        assert load_settings(environ={"EXTAUTHZ_COUNTERS_URL": url}).counters_url == url
+    with pytest.raises(ConfigError, match=r"unix:///PATH") as refused:
+        load_settings(environ={"EXTAUTHZ_COUNTERS_URL": "http://user:s3cret@h:6379/0"})
+    assert "s3cret" not in str(refused.value)
+
+
 def test_durations_parse_units() -> None:
     """Durations accept plain seconds and ms/s/m/h/d/w suffixes."""
     assert [parse_duration(x) for x in ("1.5", "250ms", "30s", "15m", "2h", "30d", "1w")] == [
