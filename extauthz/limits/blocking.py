@@ -8,8 +8,9 @@ the round trip itself: the Redis thread alone took 70 µs per check in gRPC mode
 Benchmarks).
 
 Timeouts are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO), so a call is one send and usually
-one receive, with no poll before each. A timeout or any error closes the connection, so a
-late reply is never read as the next call's; the thread's next call opens a new one.
+one receive, with no poll before each (TLS connections keep Python's socket timeout: see
+BlockingConnection). A timeout or any error closes the connection, so a late reply is
+never read as the next call's; the thread's next call opens a new one.
 """
 
 from __future__ import annotations

@@ -75,7 +75,10 @@ class RedisCounters(Counters):
         # Every receive waits at most ``timeout``; ``wait`` bounds a reply in pieces
         # and a caller starved of CPU (seen in CI: 300 checks at once on 2 cores waited
         # over 100 ms): generous, and under Envoy's 500 ms.
-        endpoint = Endpoint.from_client(self.redis)
+        try:
+            endpoint = Endpoint.from_client(self.redis)
+        except (OSError, ValueError) as exc:  # TLS files that cannot be read or used
+            raise StoreError(f"bad Redis URL {redact(url)!r}: {exc}") from None
         self._on_loops = None if endpoint is None else LoopConnections(endpoint, timeout)
         self._checks: ThreadConnections | ScriptPipeline = (
             ThreadConnections(

@@ -115,6 +115,15 @@ def test_tls_refuses_a_server_it_cannot_verify(
         counters.close()
 
 
+def test_a_tls_file_that_cannot_be_read_is_a_clear_error_at_start() -> None:
+    """A CA file that does not exist fails when the counters are made, naming the URL
+    without its password, not at the first check."""
+    with pytest.raises(StoreError, match="bad Redis URL") as refused:
+        RedisCounters("rediss://u:s3cret@127.0.0.1:6380/0?ssl_ca_certs=/nonexistent/ca.pem")
+    assert "s3cret" not in str(refused.value)
+    assert "***" in str(refused.value)
+
+
 @pytest.mark.parametrize("where", ["thread", "loop"])
 def test_a_blackholed_tls_connection_times_out_like_a_plain_one(
     where: str, tls: tuple[int, str], loop_checks: LoopChecks
