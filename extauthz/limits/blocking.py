@@ -29,7 +29,7 @@ import hiredis
 
 from extauthz.errors import StoreError
 from extauthz.limits.endpoint import Endpoint
-from extauthz.limits.resp import ScriptCall, error
+from extauthz.limits.resp import ScriptCall, error, forgot_script
 
 _READ = 65536
 
@@ -76,11 +76,7 @@ class BlockingConnection:
             for sha, _, keys, args in calls
         ]
         replies = self._exchange(packed)
-        forgotten = [
-            i
-            for i, reply in enumerate(replies)
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
-        ]
+        forgotten = [i for i, reply in enumerate(replies) if forgot_script(reply)]
         if forgotten:
             again = [
                 hiredis.pack_command(("EVAL", text, len(keys), *keys, *args))
@@ -146,6 +142,8 @@ class ThreadConnections:
         self.script = script
         self.calls = 0  # scripts run (tests); a lost count under a race is harmless
         self._local = threading.local()
+        # Every open connection, for close(); one that broke, or whose thread ended,
+        # drops out by itself when its thread lets go of it.
         self._open: weakref.WeakSet[BlockingConnection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
@@ -164,12 +162,7 @@ class ThreadConnections:
             return []
         connection = self._connection()
         self.calls += len(calls)
-        try:
-            return connection.run(calls)
-        finally:
-            if connection.closed:
-                with self._lock:
-                    self._open.discard(connection)
+        return connection.run(calls)
 
     def _connection(self) -> BlockingConnection:
         connection: BlockingConnection | None = getattr(self._local, "connection", None)

@@ -132,8 +132,7 @@ class LoopConnection(asyncio.Protocol):
                 return
             waiting = self._waiting.popleft()
             if isinstance(reply, hiredis.ReplyError):
-                if waiting.retry is not None and str(reply).startswith("NOSCRIPT"):
-                    # Redis restarted (BAD_INPUTS #17): the script did not run at all.
+                if waiting.retry is not None and forgot_script(reply):
                     self._send(hiredis.pack_command(waiting.retry), waiting.deliver)
                     continue
                 reply = error(reply)
@@ -213,6 +212,12 @@ class LoopConnections:
 
     def __iter__(self) -> Iterator[LoopConnection]:
         return iter(list(self._by_loop.values()))
+
+
+def forgot_script(reply: Any) -> bool:
+    """Redis answered NOSCRIPT: it restarted and forgot the script (BAD_INPUTS #17),
+    which therefore did not run at all and can be sent again as EVAL."""
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 def error(reply: Exception) -> StoreError:
