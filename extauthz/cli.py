@@ -1,4 +1,5 @@
-"""The `extauthz` command. Admin commands live here; long-running ones in runner.py.
+"""The `extauthz` command. Admin commands live here; `serve` in runner.py, `up`, `demo`
+and `envoy-config` in stack.py, the records' commands in cli_records.py.
 
 Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 conflict, 130 interrupted.
 """
@@ -293,7 +294,7 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from extauthz import cli_records, runner
+    from extauthz import cli_records, runner, stack
 
     parser = argparse.ArgumentParser(
         prog="extauthz", description="External authorization sidecar for Envoy."
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "init", cmd_init, "create the pepper file and the database (safe to re-run)")
     runner.add_commands(sub, add)
+    stack.add_commands(sub, add)
 
     tenants = sub.add_parser("tenants", help="manage tenants").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,9 +52,14 @@ class _Echo(BaseHTTPRequestHandler):
         pass  # request lines can carry query strings; the demo keeps quiet
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class EchoBackend:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.httpd = _Server((host, port), _Echo)
+        server = _Server6 if ":" in host else _Server
+        self.httpd = server((host, port), _Echo)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -26,18 +27,45 @@ HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProto
 
 
 def parse_hostport(text: str, what: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``host:port``, ``[::1]:port``, ``http://host:port`` or ``:port`` -> (host, port)."""
+    """``host:port``, ``[::1]:port``, ``:port`` or a URL ``http://host[:port][/]`` ->
+    (host, port); IPv6 hosts come back without their brackets."""
     raw = text.strip()
-    for scheme in ("http://", "https://"):
-        if raw.startswith(scheme):
-            if scheme == "https://":
-                raise ConfigError(f"{what}: https upstreams are not supported yet; use http://")
-            raw = raw[len(scheme) :].rstrip("/")
+    if "://" in raw:
+        return _parse_url(text, what)
     host, sep, port_text = raw.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: {text!r} is not HOST:PORT (for example 127.0.0.1:8000)")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT (IPv6 as [::1]:8000)")
     host = host.strip("[]") or default_host
     return host, int(port_text)
+
+
+def _parse_url(text: str, what: str) -> tuple[str, int]:
+    parts = urlsplit(text.strip())
+    if parts.scheme != "http":
+        raise ConfigError(
+            f"{what}: {text!r}: only http:// is supported (Envoy speaks plain HTTP/1.1 to it)"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{what}: {text!r} has a path or query; give only http://HOST:PORT "
+            "(Envoy forwards each request's own path unchanged)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{what}: a user or password in the URL is not supported")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} has no valid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"{what}: {text!r} has no host")
+    return parts.hostname, port
+
+
+def hostport(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets (``[::1]:8000``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -60,6 +88,9 @@ def _cluster(
         "name": name,
         "type": "STATIC" if is_ip else "STRICT_DNS",
         "connect_timeout": "1s",
+        # `localhost` and like names: the IPv4 address when there is one (Envoy's own
+        # default tries IPv6 first, and a backend on 127.0.0.1 then never answers).
+        **({} if is_ip else {"dns_lookup_family": "V4_PREFERRED"}),
         "lb_policy": "ROUND_ROBIN",
         "load_assignment": {
             "cluster_name": name,
@@ -124,6 +155,12 @@ CLIENT_HEADERS = (
     *RATELIMIT_HEADERS,
 )
 USAGE_HEADERS = ("x-usage-input-tokens", "x-usage-output-tokens")
+# Headers ext_authz itself sets as signals to the upstream (a check that failed open; a
+# body cut short). We never fail open nor send partial bodies, so any copy the upstream
+# could see was sent by the client: removed by the router, after ext_authz has run.
+# (The identity headers are not here: our allow answer overwrites them, and a public
+# route's answer removes them.)
+ENVOY_SIGNALS = ("x-envoy-auth-failure-mode-allowed", "x-envoy-auth-partial-body")
 
 
 def _matchers(names: tuple[str, ...]) -> dict[str, Any]:
@@ -201,6 +238,7 @@ def render(
         **({"access_log": [_access_log(usage_headers)]} if als else {}),
         "route_config": {
             "name": "local",
+            "request_headers_to_remove": list(ENVOY_SIGNALS),
             "virtual_hosts": [
                 {
                     "name": "upstream",
@@ -225,6 +263,9 @@ def render(
                 {
                     "name": "ingress",
                     "address": _address(*listen),
+                    # Envoy's default (SO_REUSEPORT) lets a second Envoy bind the same
+                    # port and silently take half the traffic; off, it fails to start.
+                    "enable_reuse_port": False,
                     "filter_chains": [
                         {
                             "filters": [

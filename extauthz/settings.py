@@ -84,6 +84,8 @@ class Settings:
     trace_exporter: str = "none"  # none, console (stderr) or otlp (the otlp extra)
     trace_sample_ratio: float = 1.0  # share of root traces sampled; parents decide for children
     log_format: str = "text"  # text or json (one JSON object per line)
+    # Not a setting: the names the file or the environment gave (the rest are defaults).
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def db_url(self) -> str:
@@ -93,8 +95,19 @@ class Settings:
     def pepper_path(self) -> Path:
         return self.pepper_file or self.data_dir / "pepper"
 
+    def is_given(self, name: str) -> bool:
+        """Whether ``name`` came from the settings file, the environment or a flag."""
+        return name in self.given
+
+    def with_flags(self, **flags: Any) -> Settings:
+        """Command-line flags over these settings (None: that flag was not given)."""
+        given = {name: value for name, value in flags.items() if value is not None}
+        return self.with_overrides(**given) if given else self
+
     def with_overrides(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """These values instead (from command-line flags); they count as given."""
+        given = self.given | {k for k in changes if k != "given"}
+        return dataclasses.replace(self, **changes, given=given)
 
 
 def _names(text: str | list[str], what: str) -> tuple[str, ...]:
@@ -244,7 +257,7 @@ def load_settings(
         raw = env.get("EXTAUTHZ_" + name.upper())
         if raw is not None and raw != "":
             values[name] = parse(raw, "EXTAUTHZ_" + name.upper())
-    return Settings(**values)
+    return Settings(**values, given=frozenset(values))
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from extauthz.auditchain import AuditChain
 from extauthz.store import Store, open_store
-from tests.pg import pg_schema
+from tests.services import pg_schema
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

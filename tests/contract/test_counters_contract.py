@@ -15,14 +15,15 @@ from extauthz.limits.memory import MemoryCounters
 from extauthz.model import TenantTier
 from extauthz.policy import DEFAULT_TIERS, Limits, RateLimit
 from extauthz.testing import ManualClock
+from tests.services import redis_url
 
 
 def redis_counters(clock: ManualClock) -> Counters:
-    """Real Redis on this machine (CI starts it); a fresh key prefix per test."""
+    """The tests' Redis (tests/services.py); a fresh key prefix per test."""
     from extauthz.limits.redis import RedisCounters
 
     prefix = f"t{uuid.uuid4().hex}"
-    return RedisCounters("redis://127.0.0.1:6379/0", lease_ttl=30.0, prefix=prefix, clock=clock)
+    return RedisCounters(redis_url(), lease_ttl=30.0, prefix=prefix, clock=clock)
 
 
 BACKENDS: dict[str, Callable[[ManualClock], Counters]] = {

@@ -15,13 +15,14 @@ from extauthz.model import TenantTier
 from extauthz.settings import Settings
 from extauthz.transport.http_authz import GREENLETS, HttpAuthzThread
 from tests.faultproxy import fault_proxy
+from tests.services import redis_address
 from tests.unit.test_http_transport import exchange, request
 
 pytestmark = pytest.mark.redis
 
 
 def test_a_slow_redis_round_trip_does_not_stall_other_connections(tmp_path: Path) -> None:
-    with fault_proxy("127.0.0.1", 6379) as proxy:
+    with fault_proxy(*redis_address()) as proxy:
         runtime = Runtime.open(
             Settings(
                 data_dir=tmp_path,

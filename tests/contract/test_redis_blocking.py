@@ -20,6 +20,7 @@ from extauthz.limits.blocking import BlockingConnection, ThreadConnections
 from extauthz.limits.endpoint import Endpoint
 from extauthz.limits.redis_args import AcquireArgs
 from extauthz.policy import Limits, RateLimit
+from tests.services import redis_address, redis_url
 
 pytestmark = pytest.mark.redis
 SCRIPT = resources.files("extauthz.limits").joinpath("lua", "acquire.lua").read_text()
@@ -35,7 +36,7 @@ def silent() -> Iterator[tuple[str, int]]:
 
 
 def sha_of(text: str) -> str:
-    return str(redis.Redis().script_load(text))
+    return str(redis.Redis.from_url(redis_url()).script_load(text))
 
 
 def acquire_call(prefix: str, lease: str) -> tuple[str, str, list[str], list[object]]:
@@ -88,7 +89,7 @@ def test_each_thread_has_its_own_connection_and_a_broken_one_is_replaced() -> No
     call opens a new one and succeeds; calls after close() are refused."""
     prefix = f"t{uuid.uuid4().hex}"
     clients = ThreadConnections(
-        Endpoint(("127.0.0.1", 6379)), 0.5, sha=sha_of(SCRIPT), script=SCRIPT, wait=1.0
+        Endpoint(redis_address()), 0.5, sha=sha_of(SCRIPT), script=SCRIPT, wait=1.0
     )
     seen: list[BlockingConnection] = []
 
@@ -111,7 +112,7 @@ def test_each_thread_has_its_own_connection_and_a_broken_one_is_replaced() -> No
         assert clients.calls == 4
     finally:
         clients.close()
-        client = redis.Redis()
+        client = redis.Redis.from_url(redis_url())
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)
     with pytest.raises(StoreError, match="closed"):

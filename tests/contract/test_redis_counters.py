@@ -21,6 +21,7 @@ from extauthz.limits.redis_args import AcquireArgs
 from extauthz.policy import Limits, RateLimit
 from extauthz.testing import ManualClock
 from tests.loopchecks import LoopChecks
+from tests.services import redis_url
 
 pytestmark = pytest.mark.redis
 LIMITS = Limits(1000, 1000, 2, RateLimit(600, 100), 0.001)
@@ -29,9 +30,7 @@ TEN_SLOTS = Limits(1000, 1000, 10, RateLimit(60000, 1000), 0.0)
 
 @pytest.fixture
 def counters(clock: ManualClock) -> Iterator[RedisCounters]:
-    c = RedisCounters(
-        "redis://127.0.0.1:6379/0", lease_ttl=30.0, prefix=f"t{uuid.uuid4().hex}", clock=clock
-    )
+    c = RedisCounters(redis_url(), lease_ttl=30.0, prefix=f"t{uuid.uuid4().hex}", clock=clock)
     yield c
     for key in c.redis.scan_iter(f"{c.prefix}:*"):
         c.redis.delete(key)
@@ -195,11 +194,11 @@ def test_both_clients_select_the_url_database(
     """redis://host/3 writes to database 3, like redis-py, from a thread's own
     connection and from the loop's."""
     prefix = f"t{uuid.uuid4().hex}"
-    counters = RedisCounters("redis://127.0.0.1:6379/3", prefix=prefix, clock=clock)
+    counters = RedisCounters(redis_url(3), prefix=prefix, clock=clock)
     try:
         assert on(where, loop_checks, lambda: counters.acquire(ask("a"))).allowed
         assert counters.redis.exists(f"{prefix}:{{t1}}:leases")
-        assert not redis.Redis(db=0).exists(f"{prefix}:{{t1}}:leases")
+        assert not redis.Redis.from_url(redis_url(0)).exists(f"{prefix}:{{t1}}:leases")
     finally:
         for key in counters.redis.scan_iter(f"{prefix}:*"):
             counters.redis.delete(key)
@@ -213,15 +212,19 @@ def test_both_clients_authenticate_and_a_wrong_password_is_a_store_error(
     """A Redis user from the URL: the right password works; a wrong one is refused
     with StoreError (its text never holds the password), not a hang; from a thread's
     own connection and from the loop's."""
-    admin = redis.Redis()
+    admin = redis.Redis.from_url(redis_url())
     user, secret = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin.acl_setuser(user, enabled=True, passwords=[f"+{secret}"], keys=["~*"], commands=["+@all"])
     try:
         good = RedisCounters(
-            f"redis://{user}:{secret}@127.0.0.1:6379/0", prefix=f"t{user}", clock=clock
+            redis_url().replace("redis://", f"redis://{user}:{secret}@"),
+            prefix=f"t{user}",
+            clock=clock,
         )
         bad = RedisCounters(
-            f"redis://{user}:wrong-{secret}@127.0.0.1:6379/0", timeout=0.5, clock=clock
+            redis_url().replace("redis://", f"redis://{user}:wrong-{secret}@"),
+            timeout=0.5,
+            clock=clock,
         )
         try:
             assert on(where, loop_checks, lambda: good.acquire(ask("a"))).allowed
@@ -255,7 +258,7 @@ def test_the_redis_py_pipeline_stays_exact(clock: ManualClock) -> None:
     """URLs with TLS options our clients do not handle go through redis-py, pipelined
     from an I/O thread (limits/pipeline.py): 64 threads at once against 10 slots,
     exactly 10 win, in fewer round trips than calls."""
-    client = redis.Redis()
+    client = redis.Redis.from_url(redis_url())
     script = client.register_script(
         resources.files("extauthz.limits").joinpath("lua", "acquire.lua").read_text()
     )

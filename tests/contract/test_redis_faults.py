@@ -21,7 +21,7 @@ from extauthz.settings import Settings
 from extauthz.testing import ManualClock
 from tests.faultproxy import FaultProxy, fault_proxy
 from tests.loopchecks import LoopChecks
-from tests.pg import PG_URL, pg_schema
+from tests.services import pg_schema, postgres_address, redis_address
 
 POLICY = """
 tiers:
@@ -77,7 +77,7 @@ class Stack:
 def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    with fault_proxy("127.0.0.1", 6379) as proxy:
+    with fault_proxy(*redis_address()) as proxy:
         settings = Settings(
             data_dir=tmp_path,
             policy_file=policy,
@@ -189,9 +189,9 @@ def test_postgres_down_cached_keys_work_and_unknown_keys_get_503_fast(tmp_path: 
     """BAD_INPUTS #18: with the database cut (or blackholed), a key looked up before
     keeps working from the cache past its TTL; an unknown key gets 503
     store_unavailable within the store timeout, never a hang."""
-    host_port = PG_URL.rsplit("@", 1)[1].split("/", 1)[0]
-    host, port = host_port.split(":")
-    with pg_schema() as url, fault_proxy(host, int(port)) as proxy:
+    host, port = postgres_address()
+    host_port = f"{host}:{port}"
+    with pg_schema() as url, fault_proxy(host, port) as proxy:
         proxied = url.replace(host_port, f"127.0.0.1:{proxy.port}")
         settings = Settings(data_dir=tmp_path, database_url=proxied, metrics_addr="off")
         clock = ManualClock()

@@ -17,7 +17,7 @@ from extauthz.auditchain import AuditChain
 from extauthz.model import APIKey, AuditEvent, Tenant, TenantTier, UsageRecord
 from extauthz.store import Store, open_store
 from extauthz.testing import ManualClock
-from tests.pg import pg_schema
+from tests.services import pg_schema
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -17,6 +17,7 @@ from tests.e2e.conftest import Stack, running_stack, wait_until
 from tests.e2e.http_util import get
 from tests.e2e.test_observability import scrape
 from tests.faultproxy import FaultProxy, fault_proxy
+from tests.services import redis_address
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -27,7 +28,7 @@ def degraded(
 ) -> Iterator[tuple[Stack, FaultProxy]]:
     data: Path = tmp_path_factory.mktemp(f"degraded-{request.param}")
     with (
-        fault_proxy("127.0.0.1", 6379) as proxy,
+        fault_proxy(*redis_address()) as proxy,
         running_stack(
             data,
             request.param,

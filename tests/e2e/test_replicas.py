@@ -23,7 +23,7 @@ from extauthz.settings import load_settings
 from tests.e2e.backends import TestBackend
 from tests.e2e.conftest import extauthz_cmd, sidecar_env, start_sidecar_ports, stop, wait_until
 from tests.e2e.http_util import Reply, at_once, get
-from tests.pg import pg_schema
+from tests.services import pg_schema, redis_url
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.postgres]
 
@@ -59,7 +59,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         env = sidecar_env(
             data,
             POLICY,
-            EXTAUTHZ_COUNTERS_URL="redis://127.0.0.1:6379/0",
+            EXTAUTHZ_COUNTERS_URL=redis_url(),
             EXTAUTHZ_REPLICAS="3",
             EXTAUTHZ_LEASE_TTL=f"{LEASE_TTL}s",
             # Exactness, not degraded mode, is tested here: 300 checks at once on a

@@ -85,6 +85,25 @@ def test_spoofed_identity_headers_are_overwritten(stack: Stack) -> None:
     )
 
 
+FORGED_SIGNALS = [
+    ("x-envoy-auth-failure-mode-allowed", "forged"),
+    ("x-envoy-auth-partial-body", "forged"),
+]
+
+
+@pytest.mark.parametrize("path", ["/hello", "/healthz"])
+def test_client_sent_envoy_signal_headers_never_reach_the_upstream(stack: Stack, path: str) -> None:
+    """BAD_INPUTS #25: x-envoy-auth-failure-mode-allowed (Envoy's "the check failed
+    open") and x-envoy-auth-partial-body sent by the client are removed before the
+    upstream, on an allowed request and on a public route alike."""
+    _, _, key = stack.new_key()
+    reply = get(stack.port, path, [("x-api-key", key), *FORGED_SIGNALS])
+    assert reply.status == 200
+    headers = seen(reply.json())
+    for name, _ in FORGED_SIGNALS:
+        assert name not in headers, name
+
+
 def test_spoofed_headers_without_a_key_never_pass(stack: Stack) -> None:
     """A forged x-tenant-id without a key is simply 401."""
     assert get(stack.port, headers=[("x-tenant-id", "acme")]).status == 401

@@ -17,6 +17,7 @@ from extauthz.launcher import EnvoyProcess
 from extauthz.settings import load_settings
 from tests.e2e.conftest import extauthz_cmd, wait_until
 from tests.e2e.http_util import get
+from tests.services import redis_url
 
 pytestmark = pytest.mark.e2e
 
@@ -105,7 +106,7 @@ def test_three_workers_on_redis_counters_enforce_one_limit(tmp_path: Path) -> No
         **os.environ,
         "EXTAUTHZ_DATA_DIR": str(tmp_path),
         "EXTAUTHZ_LOG_LEVEL": "warning",
-        "EXTAUTHZ_COUNTERS_URL": "redis://127.0.0.1:6379/0",
+        "EXTAUTHZ_COUNTERS_URL": redis_url(),
         "EXTAUTHZ_POLICY_FILE": str(tmp_path / "policy.yaml"),
     }
     tenant_id = f"t_{uuid.uuid4().hex[:12]}"  # fresh counters in the shared Redis
