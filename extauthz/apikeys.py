@@ -20,7 +20,7 @@ from cachetools import TTLCache
 from extauthz.audit import KEY_CREATED, KEY_REVOKED, KEY_ROTATED, make_event
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import StoreError, UnknownKeyError, UnknownTenantError
-from extauthz.keys import KeyFormat, Pepper, generate_key
+from extauthz.keys import KeyFormat, Pepper, generate_key, shown
 from extauthz.model import APIKey, AuditEvent, Tenant, new_id
 from extauthz.store import Store
 
@@ -225,7 +225,7 @@ class APIKeyManager:
         """Create a key for an existing tenant. Returns ``(key_id, full_key)``; the full key
         is never stored and cannot be shown again."""
         if self.store.get_tenant(tenant_id) is None:
-            raise UnknownTenantError(f"no tenant with id {tenant_id!r}")
+            raise UnknownTenantError(f"no tenant with id {shown(tenant_id)}")
         key, full_key = self._new(tenant_id, name, expires_in)
         detail = {"name": name, "expires_at": key.expires_at}
         self.store.insert_key(key, [self._event(KEY_CREATED, key, detail)])
@@ -250,10 +250,24 @@ class APIKeyManager:
         result = self.resolver.resolve(full_key)
         return result.key if result.reason is None else None
 
+    def key_id_of(self, ref: str) -> str:
+        """The key id ``ref`` names: a key id as it is, or, when someone passes the secret
+        key itself, the id of the key it is (the secret is never echoed)."""
+        if not self.resolver.format.well_shaped(ref):
+            return ref
+        found = self.store.lookup(self.pepper.hash_key(ref))
+        if found is None:
+            raise UnknownKeyError(
+                "no such API key (the value given is a secret key, so it is not shown)"
+            )
+        return found[0].key_id
+
     def revoke_key(self, key_id: str) -> APIKey:
+        """Revoke by key id (or by the secret key itself, see ``key_id_of``)."""
+        key_id = self.key_id_of(key_id)
         known = self.store.get_key(key_id)
         if known is None:
-            raise UnknownKeyError(f"no API key with id {key_id!r}")
+            raise UnknownKeyError(f"no API key with id {shown(key_id)}")
         event = self._event(KEY_REVOKED, known, {"name": known.name})
         key = self.store.revoke_key(key_id, self.clock.now(), [event])
         self.resolver.invalidate()
@@ -261,9 +275,10 @@ class APIKeyManager:
 
     def rotate_key(self, key_id: str, grace: float = 3600.0) -> tuple[str, str]:
         """A new key for the same tenant; the old one keeps working for ``grace`` seconds."""
+        key_id = self.key_id_of(key_id)
         old = self.store.get_key(key_id)
         if old is None:
-            raise UnknownKeyError(f"no API key with id {key_id!r}")
+            raise UnknownKeyError(f"no API key with id {shown(key_id)}")
         key, full_key = self._new(old.tenant_id, old.name, None)
         ends = self.clock.now() + grace
         events = [
@@ -275,9 +290,9 @@ class APIKeyManager:
         return key.key_id, full_key
 
     def get_key(self, key_id: str) -> APIKey:
-        key = self.store.get_key(key_id)
+        key = self.store.get_key(self.key_id_of(key_id))
         if key is None:
-            raise UnknownKeyError(f"no API key with id {key_id!r}")
+            raise UnknownKeyError(f"no API key with id {shown(key_id)}")
         return key
 
     def list_keys(self, tenant_id: str | None = None) -> list[APIKey]:

@@ -19,7 +19,7 @@ from extauthz.authorizer import Authorizer
 from extauthz.bruteforce import BruteForceGuard
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ConfigError, ExtauthzError, UnknownTenantError
-from extauthz.keys import Pepper, check_prefix
+from extauthz.keys import Pepper, check_prefix, shown
 from extauthz.limits.base import Counters
 from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.gate import LimitGate
@@ -227,7 +227,7 @@ class Runtime:
         """The seed's quota API for one tenant (is_within_quota, record_usage, ...)."""
         tenant = self.tenants.get_tenant(tenant_id)
         if tenant is None:
-            raise UnknownTenantError(f"no tenant {tenant_id!r}")
+            raise UnknownTenantError(f"no tenant {shown(tenant_id)}")
         return TenantQuota(tenant.id, tenant.tier, self.counters, lambda: self.policy, self.clock)
 
     def flush(self) -> None:

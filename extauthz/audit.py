@@ -195,16 +195,31 @@ class AuditLogger:
         self.flush()
         return self.store.query_audit(tenant_id=tenant_id, since=since, until=until, action=action)
 
+    def bounds(self) -> tuple[int, int]:
+        """(first row kept, last row): the range ``verify`` can check. The last row is
+        the signed head's (or, with no head, the highest stored); (1, 0) when empty."""
+        checkpoint = self.store.audit_checkpoint()
+        first = checkpoint.seq + 1 if checkpoint is not None else 1
+        head = self.store.audit_head()
+        if head is not None:
+            return first, head.seq
+        last = next(iter(self.store.query_audit(limit=1, newest_first=True)), None)
+        return first, last.seq if last is not None else first - 1
+
     def verify(self, first: int | None = None, last: int | None = None) -> Verification:
         """Check the chain: all of it (from the genesis or the pruning checkpoint to the
-        signed head), or rows first..last."""
+        signed head), or rows first..last. A range reaching the end of the log also
+        checks the signed head; one ending earlier checks only its rows."""
         chain = self.store.audit_chain
         if chain is None:
             return Verification(0, Problem(0, "no audit key: open the store through the Runtime"))
+        head = self.store.audit_head()
+        if last is not None and head is not None and last >= head.seq:
+            last = None  # the whole tail: its end is checked against the signed head
         if first is None and last is None:
             start = self.store.audit_checkpoint()
             rows = self.store.audit_rows((start.seq + 1) if start else 1)
-            return Verification(*chain.verify(rows, start, self.store.audit_head()))
+            return Verification(*chain.verify(rows, start, head))
         lo = max(1, first or 1)
         start = None
         if lo > 1:
@@ -216,7 +231,10 @@ class AuditLogger:
                 start = checkpoint
             else:
                 return Verification(0, Problem(lo - 1, "missing: cannot start the range here"))
-        head = self.store.audit_head() if last is None else None
         rows = self.store.audit_rows(lo, last)
         trusted = start is not None and not start.signature
-        return Verification(*chain.verify(rows, start, head, trust_start=trusted))
+        return Verification(
+            *chain.verify(
+                rows, start, head if last is None else None, trust_start=trusted, partial=True
+            )
+        )

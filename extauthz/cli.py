@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from extauthz import __version__
 from extauthz.app import Runtime, init
-from extauthz.errors import ConflictError, ExtauthzError, NotFoundError
+from extauthz.errors import ConflictError, ExtauthzError, NotFoundError, UsageError
+from extauthz.keys import without_secrets
 from extauthz.model import APIKey, Tenant, TenantTier
 from extauthz.settings import Settings, load_settings, parse_duration
 from extauthz.telemetry.logs import configure as configure_logs
@@ -233,9 +236,19 @@ def cmd_keys_show(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
+def _warn_if_secret(rt: Runtime, ref: str) -> None:
+    if rt.keys.resolver.format.well_shaped(ref):
+        print(
+            "note: you passed the secret key itself, not its key id; it is not shown, but "
+            "it may now be in your shell history",
+            file=sys.stderr,
+        )
+
+
 @_with_runtime
 def cmd_keys_revoke(args: argparse.Namespace, rt: Runtime) -> int:
     key = rt.keys.revoke_key(args.key_id)
+    _warn_if_secret(rt, args.key_id)
     if args.json:
         _print_json(_key_json(key, rt.clock.now()))
     else:
@@ -249,9 +262,11 @@ def cmd_keys_revoke(args: argparse.Namespace, rt: Runtime) -> int:
 @_with_runtime
 def cmd_keys_rotate(args: argparse.Namespace, rt: Runtime) -> int:
     grace = parse_duration(args.grace, "--grace")
-    key_id, full_key = rt.keys.rotate_key(args.key_id, grace)
+    old_id = rt.keys.key_id_of(args.key_id)
+    key_id, full_key = rt.keys.rotate_key(old_id, grace)
+    _warn_if_secret(rt, args.key_id)
     if not args.json:
-        print(f"old key {args.key_id} keeps working until {_when(rt.clock.now() + grace)}")
+        print(f"old key {old_id} keeps working until {_when(rt.clock.now() + grace)}")
     _print_new_key(args, rt, key_id, full_key, "rotated to")
     return 0
 
@@ -293,12 +308,17 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse quotes what it refuses, and that can be a key pasted in the wrong place.
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {without_secrets(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from extauthz import cli_records, runner, stack
 
-    parser = argparse.ArgumentParser(
-        prog="extauthz", description="External authorization sidecar for Envoy."
-    )
+    parser = _Parser(prog="extauthz", description="External authorization sidecar for Envoy.")
     parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
     parser.add_argument("--config", metavar="FILE", help="settings file (or EXTAUTHZ_CONFIG)")
     parser.add_argument("--data-dir", metavar="DIR", help="data directory (or EXTAUTHZ_DATA_DIR)")
@@ -356,10 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--expires-in", metavar="DURATION", help="e.g. 90d, 12h (default: never)")
     c = add(keys, "list", cmd_keys_list, "list API keys (never the keys themselves)")
     c.add_argument("tenant", nargs="?", help="only this tenant's keys")
-    add(keys, "show", cmd_keys_show, "show one key's record").add_argument("key_id")
-    add(keys, "revoke", cmd_keys_revoke, "revoke a key at once").add_argument("key_id")
+    key_help = "the key id (key_...); the secret key itself is taken too, and never echoed"
+    add(keys, "show", cmd_keys_show, "show one key's record").add_argument("key_id", help=key_help)
+    add(keys, "revoke", cmd_keys_revoke, "revoke a key at once").add_argument(
+        "key_id", help=key_help
+    )
     c = add(keys, "rotate", cmd_keys_rotate, "issue a new key; the old one ends after --grace")
-    c.add_argument("key_id")
+    c.add_argument("key_id", help=key_help)
     c.add_argument("--grace", default="1h", metavar="DURATION", help="default 1h; 0 ends it now")
     cli_records.add_commands(sub, add, _with_runtime)
     return parser
@@ -382,10 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`extauthz audit list | head -1`): stop quietly, as Unix
+        # tools do, and keep Python from failing again on the final flush of stdout.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ExtauthzError as exc:
         if args.debug:
             raise
-        print(f"extauthz: error: {exc}", file=sys.stderr)
+        print(f"extauthz: error: {without_secrets(str(exc))}", file=sys.stderr)
+        if isinstance(exc, UsageError):
+            return 2
         if isinstance(exc, NotFoundError):
             return 3
         return 4 if isinstance(exc, ConflictError) else 1
@@ -393,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"extauthz: unexpected error ({type(exc).__name__}): {exc}; "
+            f"extauthz: unexpected error ({type(exc).__name__}): {without_secrets(str(exc))}; "
             "re-run with --debug for details",
             file=sys.stderr,
         )

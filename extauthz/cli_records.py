@@ -15,7 +15,7 @@ from typing import Any
 
 from extauthz.app import Runtime
 from extauthz.audit import DATA_ACCESSED, DATA_MODIFIED, Verification
-from extauthz.errors import ConfigError
+from extauthz.errors import ConfigError, UsageError
 from extauthz.model import AuditEvent, UsageRecord
 from extauthz.settings import parse_duration
 from extauthz.usage import month_start, totals
@@ -210,23 +210,53 @@ def cmd_audit_query(args: argparse.Namespace, rt: Runtime) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace, result: Verification) -> int:
+def _report(args: argparse.Namespace, result: Verification, to_head: bool = True) -> int:
     if args.json:
         _print_json(
-            {"ok": result.ok, "checked": result.checked, "problem": str(result.problem or "")}
+            {
+                "ok": result.ok,
+                "checked": result.checked,
+                "head_checked": to_head,
+                "problem": str(result.problem or ""),
+            }
         )
     elif result.ok:
-        print(f"audit chain OK: {result.checked} rows verified, signed head matches")
+        tail = ", signed head matches" if to_head else " (the range ends before the head)"
+        print(f"audit chain OK: {result.checked} rows verified{tail}")
     else:
         print(f"audit chain BROKEN at {result.problem} ({result.checked} rows verified before it)")
     return 0 if result.ok else 1
 
 
+def verify_range(args: argparse.Namespace, rt: Runtime) -> tuple[int | None, int | None]:
+    """--from/--to checked against the log: reversed, below 1, or wholly past its end
+    is a usage error; a range reaching past either end is clipped to the log."""
+    first, last = args.first, args.last
+    for flag, value in (("--from", first), ("--to", last)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a row number from 1, not {value}")
+    if first is not None and last is not None and first > last:
+        raise UsageError(f"--from {first} is after --to {last}: give the lower row first")
+    kept, end = rt.audit.bounds()
+    if first is not None and first > end:
+        where = f"the last row is {end}" if end else "the log has no rows yet"
+        raise UsageError(f"--from {first} is past the end of the audit log ({where})")
+    if last is not None and last < kept:
+        raise UsageError(
+            f"--to {last} is before the oldest row kept ({kept}; older rows were pruned)"
+        )
+    if first is not None and first < kept:
+        first = kept
+    if last is not None and last >= end:
+        last = None  # to the end, where the signed head is checked too
+    return first, last
+
+
 def cmd_audit_verify(args: argparse.Namespace, rt: Runtime) -> int:
     rt.audit.flush()
-    whole = args.first is None and args.last is None
-    result = rt.audit.verify() if whole else rt.audit.verify(args.first, args.last)
-    return _report(args, result)
+    first, last = verify_range(args, rt)
+    result = rt.audit.verify(first, last)
+    return _report(args, result, to_head=last is None)
 
 
 def cmd_audit_export(args: argparse.Namespace, rt: Runtime) -> int:

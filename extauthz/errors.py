@@ -2,6 +2,7 @@
 
     ExtauthzError                 every error of ours; its message is safe to show a user
     ├── ConfigError               a bad setting or settings file
+    ├── UsageError                a command used wrongly (exit 2, like argparse's errors)
     ├── NotFoundError             a tenant or key that does not exist
     │   ├── UnknownTenantError
     │   └── UnknownKeyError
@@ -32,6 +33,10 @@ class ExtauthzError(Exception):
 
 class ConfigError(ExtauthzError):
     """A setting, the settings file or the pepper is missing or invalid."""
+
+
+class UsageError(ExtauthzError):
+    """Arguments that make no sense together, or point outside what exists."""
 
 
 class NotFoundError(ExtauthzError):

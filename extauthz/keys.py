@@ -28,6 +28,35 @@ MAX_KEY_LEN = 16 + 1 + BODY_LEN + 1 + CHECKSUM_LEN
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 
 
+_SECRET_LIKE = re.compile(r"[0-9A-Za-z]{24,}", re.ASCII)
+
+
+def looks_secret(text: str) -> bool:
+    """Whether ``text`` may be an API key (or most of one): a long run of base62 mixing
+    digits and both cases, as 256 random bits are. Such a value is never echoed back."""
+    for run in _SECRET_LIKE.findall(text):
+        if any(c.isdigit() for c in run) and run.lower() != run and run.upper() != run:
+            return True
+    return False
+
+
+def without_secrets(text: str) -> str:
+    """``text`` with every run that may be a key replaced, for messages built from
+    arbitrary input (argparse's errors quote the arguments they refuse)."""
+
+    def hide(match: re.Match[str]) -> str:
+        return "<not shown>" if looks_secret(match.group(0)) else match.group(0)
+
+    return _SECRET_LIKE.sub(hide, text)
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a message, unless it may be a secret key."""
+    if looks_secret(text):
+        return f"(a {len(text)}-character value that looks like an API key, not shown)"
+    return repr(text[:80])
+
+
 def _b62(number: int, width: int) -> str:
     out = []
     for _ in range(width):

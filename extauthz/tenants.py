@@ -7,6 +7,7 @@ import re
 from extauthz.audit import DATA_MODIFIED, make_event
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ConfigError, UnknownTenantError
+from extauthz.keys import shown
 from extauthz.model import AuditEvent, Tenant, TenantStatus, TenantTier
 from extauthz.store import Store
 
@@ -61,7 +62,7 @@ class TenantManager:
         """By id, else by name; UnknownTenantError if neither matches."""
         tenant = self.store.find_tenant(id_or_name)
         if tenant is None:
-            raise UnknownTenantError(f"no tenant with id or name {id_or_name!r}")
+            raise UnknownTenantError(f"no tenant with id or name {shown(id_or_name)}")
         return tenant
 
     def list_tenants(self) -> list[Tenant]:
