@@ -160,8 +160,14 @@ class Runtime:
         except BaseException:
             store.close()
             raise
+        # What the store cannot take yet waits here, on this host (records.py).
+        spill_dir = settings.data_dir / "spill"
         audit = AuditLogger(
-            store, clock, interval=settings.flush_interval, blocking=settings.audit_blocking
+            store,
+            clock,
+            interval=settings.flush_interval,
+            blocking=settings.audit_blocking,
+            spill_dir=spill_dir,
         )
         runtime = cls(
             settings,
@@ -173,7 +179,9 @@ class Runtime:
             counters,
             journal,
             audit,
-            UsageTracker(store, clock, Policy, interval=settings.flush_interval),
+            UsageTracker(
+                store, clock, Policy, interval=settings.flush_interval, spill_dir=spill_dir
+            ),
             policy,
             BruteForceGuard(clock),
             Metrics(

@@ -13,12 +13,14 @@ import json
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from extauthz.auditchain import Anchor, Problem
 from extauthz.clock import SYSTEM_CLOCK, Clock
 from extauthz.errors import ExtauthzError
 from extauthz.model import AuditEvent
 from extauthz.records import BatchWriter
+from extauthz.spill import Spill
 from extauthz.store.base import Store
 
 log = logging.getLogger("extauthz.audit")
@@ -64,6 +66,14 @@ def make_event(clock: Clock, action: str, outcome: str, **fields: object) -> Aud
     return AuditEvent(action, outcome, clock.now(), detail=text, **fields)  # type: ignore[arg-type]
 
 
+def _to_row(event: AuditEvent) -> dict[str, object]:
+    return event.to_dict()
+
+
+def _event(row: dict[str, object]) -> AuditEvent:
+    return AuditEvent(**row)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Verification:
     checked: int
@@ -83,12 +93,14 @@ class AuditLogger:
         capacity: int = 50_000,
         interval: float = 1.0,
         blocking: bool = False,
+        spill_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.blocking = blocking
+        spill = None if spill_dir is None else Spill(spill_dir, "audit", _to_row, _event)
         self.writer: BatchWriter[AuditEvent] = BatchWriter(
-            "audit", store.append_audit, capacity=capacity, interval=interval
+            "audit", store.append_audit, capacity=capacity, interval=interval, spill=spill
         )
 
     # writing

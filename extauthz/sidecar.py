@@ -61,27 +61,37 @@ class Upkeep(threading.Thread):
         next_touch = clock.monotonic() + settings.last_used_flush
         next_flush = clock.monotonic() + settings.flush_interval
         while not self.stopping.wait(min(settings.revocation_poll, settings.flush_interval)):
-            try:
-                self.runtime.resolver.refresh()
-                if self.watcher is not None:
-                    self.watcher.poll()
-                if self.webhooks is not None:
-                    self.webhooks.poll()
-                if clock.monotonic() >= next_flush:
-                    next_flush = clock.monotonic() + settings.flush_interval
-                    self.runtime.counters.maintain(self._days())
-                    for settled in self.runtime.counters.drain_expired():
-                        self.runtime.usage.add(incomplete(settled))
-                    if self.runtime.journal is not None:
-                        self.runtime.journal.flush()
-                if clock.monotonic() >= next_touch:
-                    next_touch = clock.monotonic() + settings.last_used_flush
-                    self.runtime.resolver.flush_last_used()
-            except ExtauthzError as exc:
-                log.warning("store upkeep failed: %s", exc)
-            except Exception:
-                # Keep polling: a dead upkeep thread would silently stop revocations.
-                log.exception("store upkeep failed unexpectedly")
+            self._step("store changes", self.runtime.resolver.refresh)
+            if self.watcher is not None:
+                self._step("policy reload", self.watcher.poll)
+            if self.webhooks is not None:
+                self._step("webhooks", self.webhooks.poll)
+            if clock.monotonic() >= next_flush:
+                next_flush = clock.monotonic() + settings.flush_interval
+                self._step("counters", self._expire_leases)
+                if self.runtime.journal is not None:
+                    self._step("daily counts", self.runtime.journal.flush)
+            if clock.monotonic() >= next_touch:
+                next_touch = clock.monotonic() + settings.last_used_flush
+                self._step("last-used times", self.runtime.resolver.flush_last_used)
+
+    def _step(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except ExtauthzError as exc:
+            log.warning("upkeep: %s failed: %s", what, exc)
+        except Exception:
+            # Keep polling: a dead upkeep thread would silently stop revocations.
+            log.exception("upkeep: %s failed unexpectedly", what)
+
+    def _expire_leases(self) -> None:
+        """Free overdue slots, and bill their requests (never reported by the access
+        log) as incomplete: straight to the store, whatever their number."""
+        counters = self.runtime.counters
+        counters.maintain(self._days())
+        expired = counters.drain_expired()
+        if expired:
+            self.runtime.usage.add_now([incomplete(settled) for settled in expired])
 
     def _days(self) -> frozenset[str]:
         """Today and yesterday in the policy's zone: counts of older days are dropped."""
@@ -307,10 +317,13 @@ class Sidecar:
             self._unsubscribe()
         if self.upkeep.is_alive():
             self.upkeep.stop()
-        # Leases still open will never be reported: bill them as incomplete.
+        # Leases still open will never be reported: bill them as incomplete, however
+        # many there are (straight to the store, or kept on disk for the next start).
         counters = self.runtime.counters
-        for settled in counters.drain_expired() + counters.end_leases():
-            self.runtime.usage.add(incomplete(settled))
+        ended = counters.drain_expired() + counters.end_leases()
+        if ended:
+            log.info("billing %d open requests as incomplete", len(ended))
+        self.runtime.usage.add_now([incomplete(settled) for settled in ended])
         for name, close in (
             ("audit events", self.runtime.audit.close),
             ("usage records", self.runtime.usage.close),

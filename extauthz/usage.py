@@ -13,8 +13,9 @@ go through a bounded queue to a background writer (records.py).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from extauthz.clock import SYSTEM_CLOCK, Clock
@@ -23,6 +24,7 @@ from extauthz.limits.quota import quota_window, zone_info
 from extauthz.model import Completion, TenantTier, UsageRecord
 from extauthz.policy import Policy
 from extauthz.records import BatchWriter
+from extauthz.spill import Spill
 from extauthz.store.base import Store
 
 
@@ -66,6 +68,14 @@ def incomplete(settled: Settlement) -> UsageRecord:
     return _record(settled, settled.reserved, 0, incomplete=True)
 
 
+def _to_row(record: UsageRecord) -> dict[str, object]:
+    return record.to_dict()
+
+
+def _record_of(row: dict[str, Any]) -> UsageRecord:
+    return UsageRecord(**row)
+
+
 def totals(records: Iterable[UsageRecord]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": 0,
@@ -93,16 +103,23 @@ class UsageTracker:
         *,
         capacity: int = 50_000,
         interval: float = 1.0,
+        spill_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.policy = policy
+        spill = None if spill_dir is None else Spill(spill_dir, "usage", _to_row, _record_of)
         self.writer: BatchWriter[UsageRecord] = BatchWriter(
-            "usage", store.add_usage, capacity=capacity, interval=interval
+            "usage", store.add_usage, capacity=capacity, interval=interval, spill=spill
         )
 
     def add(self, record: UsageRecord) -> bool:
         return self.writer.put(record)
+
+    def add_now(self, records: Sequence[UsageRecord]) -> None:
+        """Records the product makes itself (expired or ended leases): straight to the
+        store in batches, never dropped (records.py)."""
+        self.writer.write_now(records)
 
     def flush(self) -> int:
         return self.writer.flush()

@@ -34,9 +34,6 @@ class _Lease:
     expires: float
 
 
-MAX_EXPIRED = 100_000  # expired leases awaiting their incomplete usage record
-
-
 def _settlement(ask: Ask, actual: int | None) -> Settlement:
     return Settlement(
         ask.tenant_id,
@@ -178,7 +175,9 @@ class MemoryCounters(Counters):
                 break
             del held[lease_id]
             lease = self._leases.pop(lease_id, None)
-            if lease is not None and len(self._expired) < MAX_EXPIRED:
+            if lease is not None:
+                # Not capped: each becomes a usage record at the next upkeep (every
+                # flush_interval), and a lease held that memory already.
                 self._expired.append(_settlement(lease.ask, None))
         return held
 

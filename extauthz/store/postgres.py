@@ -35,6 +35,9 @@ from extauthz.model import APIKey, Tenant
 from extauthz.store.sql import LOOKUP, SQLStore
 
 log = logging.getLogger("extauthz.store")
+# The pool logs each failed connection attempt as a multi-line warning; we report what
+# failed ourselves, in one line (StoreError), where it matters.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 CHANNEL = "extauthz_changes"
 # Arbitrary constants naming our advisory locks (64-bit, database-wide).
@@ -183,6 +186,14 @@ class PostgresStore(SQLStore):
             "options": options.strip(),
             "application_name": given.get("application_name") or "extauthz",
         }
+        # One direct attempt first: a database nobody answers is a one-line error within
+        # libpq's connect_timeout, not the pool's retries with backoff.
+        try:
+            psycopg.connect(self._conninfo, **self._options).close()
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot connect to PostgreSQL at {redact(url)}: {_first_line(exc)}"
+            ) from None
         self._pool = psycopg_pool.ConnectionPool(
             self._conninfo,
             min_size=1,
@@ -216,7 +227,7 @@ class PostgresStore(SQLStore):
         try:
             psycopg.connect(self._conninfo, **self._options).close()
         except psycopg.Error as direct:
-            return str(direct).strip().splitlines()[0]
+            return _first_line(direct)
         return str(exc)
 
     @contextmanager
@@ -331,6 +342,13 @@ class PostgresStore(SQLStore):
 def _role_lock(role: str) -> int:
     """A stable 63-bit advisory lock key for a role name."""
     return int.from_bytes(hashlib.sha256(b"extauthz-role:" + role.encode()).digest()[:8]) >> 1
+
+
+def _first_line(exc: psycopg.Error) -> str:
+    """libpq's reason in one line ("connection to server at ... failed: Connection
+    refused"), without its hint lines or psycopg's "connection failed:" prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.removeprefix("connection failed: ")
 
 
 def _message(exc: psycopg.Error) -> str:

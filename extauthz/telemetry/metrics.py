@@ -194,7 +194,14 @@ class SourcesCollector(Collector):
         ns = self.ns
         depth = GaugeMetricFamily(f"{ns}_queue_depth", "Records waiting", labels=["queue"])
         dropped = CounterMetricFamily(
-            f"{ns}_queue_dropped", "Records refused by a full queue", labels=["queue"]
+            f"{ns}_queue_dropped",
+            "Records lost: the queue was full and the spill file could not be written",
+            labels=["queue"],
+        )
+        spilled = CounterMetricFamily(
+            f"{ns}_queue_spilled",
+            "Records kept on local disk (the queue was full or the store refused them)",
+            labels=["queue"],
         )
         written = CounterMetricFamily(
             f"{ns}_queue_written", "Records written to the store", labels=["queue"]
@@ -205,9 +212,10 @@ class SourcesCollector(Collector):
         for name, writer in sorted(writers.items()):
             depth.add_metric([name], writer.pending)
             dropped.add_metric([name], writer.dropped)
+            spilled.add_metric([name], writer.spilled)
             written.add_metric([name], writer.written)
             failures.add_metric([name], writer.failures)
-        yield from (depth, dropped, written, failures)
+        yield from (depth, dropped, spilled, written, failures)
 
     def _reloads(self, counts: dict[str, int]) -> Iterator[Any]:
         family = CounterMetricFamily(

@@ -31,6 +31,7 @@ METRICS = [
     "extauthz_limit_denials_total",
     "extauthz_queue_depth",
     "extauthz_queue_dropped_total",
+    "extauthz_queue_spilled_total",
     "extauthz_store_lookup_seconds_bucket",
     "extauthz_policy_info",
     "extauthz_policy_reloads_total",

@@ -101,9 +101,9 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly(data_dir: Path) -> None:
     for i in range(3000):  # far more than a pipe's 64 KiB buffer holds
         runtime.audit.event("CONFIG_CHANGED", "success", actor="test", reason=f"r{i}")
     runtime.close()
-    pipeline = subprocess.run(
+    pipeline = subprocess.run(  # noqa: S602 - a fixed pipeline of our own command
         f"{sys.executable} -m extauthz audit list --limit 3000 | head -1",
-        shell=True,  # noqa: S602 - a fixed pipeline of our own command
+        shell=True,
         capture_output=True,
         text=True,
         timeout=60,

@@ -3,6 +3,7 @@ once, whatever Envoy repeats."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,67 @@ def test_blocking_audit_refuses_a_request_it_cannot_record(
     assert (refused.status, refused.reason) == (503, "audit_unavailable")
     monkeypatch.undo()
     rt.close()
+
+
+def test_200000_open_leases_at_stop_are_each_billed_once_and_nothing_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """BAD_INPUTS #28: 200,000 allowed checks that no access log ever reports, then the
+    stop: each request gets exactly one incomplete usage record and its AUTH_SUCCESS
+    event, although the queues hold 50,000 each (the rest goes through the spill)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "tenants:\n  t:\n    requests_per_day: 10000000\n    concurrent: 10000000\n"
+        "    rate_limit: {requests_per_minute: 100000000, burst: 10000000}\n"
+    )
+    rt = Runtime.open(Settings(data_dir=tmp_path, policy_file=policy, metrics_addr="off"))
+    rt.tenants.create_tenant("t", TenantTier.STARTER, "t")
+    key = rt.keys.create_key("t")[1]
+    sidecar = Sidecar(rt)
+    check = sidecar.authorizer.check
+    headers = {"x-api-key": key}
+    for i in range(200_000):
+        assert check(CheckInput("GET", "/v1", headers, request_id=f"r{i}")).allowed
+    assert rt.counters.leases_held() == 200_000
+    sidecar.stop()
+    assert (rt.usage.writer.dropped, rt.audit.writer.dropped) == (0, 0)
+    with sqlite3.connect(tmp_path / "extauthz.db") as db:
+        billed = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT request_id), SUM(incomplete) FROM usage_records"
+        ).fetchone()
+        audited = db.execute(
+            "SELECT COUNT(*) FROM audit_events WHERE action = 'AUTH_SUCCESS'"
+        ).fetchone()
+    assert billed == (200_000, 200_000, 200_000)
+    assert audited == (200_000,)
+    assert rt.audit.verify().ok
+    rt.close()
+
+
+def test_records_the_store_refuses_at_stop_are_written_by_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database refuses writes while the server stops: the usage records of the
+    open requests stay on disk (data_dir/spill) and the next server on the same data
+    directory writes them, once."""
+    rt = Runtime.open(Settings(data_dir=tmp_path, metrics_addr="off"))
+    rt.tenants.create_tenant("t", TenantTier.STARTER, "t")
+    key = rt.keys.create_key("t")[1]
+    sidecar = Sidecar(rt)
+    for i in range(5):
+        sidecar.authorizer.check(CheckInput("GET", "/v1", {"x-api-key": key}, request_id=f"r{i}"))
+
+    def down(records: object) -> None:
+        raise StoreError("database is down")
+
+    monkeypatch.setattr(rt.usage.writer, "write", down)
+    sidecar.stop()
+    monkeypatch.undo()
+    assert rt.store.query_usage() == []
+    assert list((tmp_path / "spill").glob("usage-*.jsonl"))
+    rt.close()
+    again = Runtime.open(Settings(data_dir=tmp_path, metrics_addr="off"))
+    again.usage.start()
+    again.usage.close()
+    assert sorted(r.request_id for r in again.store.query_usage()) == [f"r{i}" for i in range(5)]
+    again.close()
