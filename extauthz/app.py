@@ -152,6 +152,8 @@ class Runtime:
                     clock,
                     replicas=settings.replicas,
                     lease_ttl=settings.lease_ttl,
+                    # Failures closer together than this are one stall (degraded.py).
+                    window=max(2 * settings.counters_timeout, 0.1),
                 )
             else:
                 counters = MemoryCounters(clock, settings.lease_ttl)

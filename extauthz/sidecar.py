@@ -244,6 +244,7 @@ class Sidecar:
                 f"{exc} (see EXTAUTHZ_GRPC_ADDR / EXTAUTHZ_HTTP_ADDR / EXTAUTHZ_ALS_ADDR)"
             ) from None
         self.runtime.resolver.refresh()
+        self._check_counters()
         # Pushed changes (PostgreSQL NOTIFY) drop the cache at once; polling stays.
         self._unsubscribe = self.runtime.store.subscribe(self._store_changed)
         self._verify_audit_tail()
@@ -261,6 +262,24 @@ class Sidecar:
         for name, port in self.ports.items():
             log.info("%s listening on port %d", name.split("_")[0], port)
         return self.ports
+
+    def _check_counters(self) -> None:
+        """Say at start, not at the first request, that the shared counters are out of
+        reach, and what each tier gets meanwhile (serving goes on: it is degraded mode)."""
+        try:
+            self.runtime.counters.ping()
+        except ExtauthzError as exc:
+            modes = ", ".join(
+                f"{tier.value} {limits.on_counters_down}"
+                for tier, limits in self.runtime.policy.tiers.items()
+            )
+            log.warning(
+                "%s; until they answer each tier follows its on_counters_down (%s: "
+                "fail_closed answers 503 limits_unavailable, fail_open allows without "
+                "limits, local uses this replica's own share)",
+                exc,
+                modes,
+            )
 
     def _store_changed(self) -> None:
         try:
@@ -320,7 +339,12 @@ class Sidecar:
         # Leases still open will never be reported: bill them as incomplete, however
         # many there are (straight to the store, or kept on disk for the next start).
         counters = self.runtime.counters
-        ended = counters.drain_expired() + counters.end_leases()
+        ended = []
+        for source in (counters.drain_expired, counters.end_leases):
+            try:
+                ended += source()
+            except ExtauthzError as exc:
+                log.warning("could not read the open leases from the counters: %s", exc)
         if ended:
             log.info("billing %d open requests as incomplete", len(ended))
         self.runtime.usage.add_now([incomplete(settled) for settled in ended])

@@ -136,5 +136,8 @@ class Counters(abc.ABC):
         """Leases that expired without a release since the last call (their requests
         get an `incomplete` usage record)."""
 
+    def ping(self) -> None:  # noqa: B027 - nothing to reach for local counters
+        """Raise StoreError if the backend cannot be reached now."""
+
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release backend resources."""

@@ -2,10 +2,10 @@
 does while they are out of reach.
 
 Every call to the shared backend is bounded by its socket timeout (50 ms by default).
-After ``failures`` errors in a row the breaker opens: for ``cooldown`` seconds no
-request waits on Redis at all; then one request at a time probes it, and the first
-success closes the breaker. While it is open (or when a call fails), each request
-follows its tier's ``on_counters_down``:
+After ``failures`` counted failures in a row (one stall counts once, see Breaker) the
+breaker opens: for ``cooldown`` seconds no request waits on Redis at all; then one
+request at a time probes it, and the first success closes the breaker. While it is
+open (or when a call fails), each request follows its tier's ``on_counters_down``:
 
 - ``fail_closed``: refused, 503 ``limits_unavailable``;
 - ``fail_open``: allowed without limits (counted, and the counts audited when it ends);
@@ -39,8 +39,12 @@ class CountersUnavailable(StoreError):
 
 
 class Breaker:
-    """Closed, open after ``failures`` consecutive errors, half-open after ``cooldown``
-    (one probe at a time). Thread-safe; ``on_change(open)`` runs on state changes."""
+    """Closed, open after ``failures`` counted failures with no success between them,
+    half-open after ``cooldown`` (one probe at a time). A failure less than ``window``
+    after the last one counted is the same stall seen by another caller (gRPC threads
+    each on their own connection, greenlets sharing the loop's), so it counts once,
+    whatever the transport and however many callers saw it. Thread-safe;
+    ``on_change(open)`` runs on state changes."""
 
     def __init__(
         self,
@@ -48,16 +52,19 @@ class Breaker:
         failures: int = 3,
         cooldown: float = 1.0,
         on_change: Callable[[bool], None] | None = None,
+        *,
+        window: float = 0.1,
     ) -> None:
         self.clock = clock
         self.failures = failures
         self.cooldown = cooldown
+        self.window = window
         self.on_change = on_change
         self.is_open = False
-        self._errors = 0
+        self.counted = 0  # failures counted since the last success
+        self._counted_at = 0.0
         self._retry_at = 0.0
         self._probing = False
-        self._last_cause: object = None
         self._lock = threading.Lock()
 
     def allow(self) -> bool:
@@ -71,29 +78,31 @@ class Breaker:
             return True
 
     def success(self) -> None:
-        if not self.is_open and self._errors == 0:
+        if not self.is_open and self.counted == 0:
             return  # the common case: no lock
         with self._lock:
-            self._errors, self._probing = 0, False
+            self.counted, self._probing = 0, False
             changed, self.is_open = self.is_open, False
         if changed and self.on_change is not None:
             self.on_change(False)
 
-    def failure(self, cause: object = None) -> None:
-        """Count a failed call; calls that failed together (one failed round trip shares
-        its ``cause``) count once, so one slow round trip under load opens nothing."""
+    def failure(self) -> None:
+        """Count a failed call (once per ``window``, see the class)."""
         with self._lock:
-            if cause is not None and cause is self._last_cause:
-                self._probing = False
-                return
-            self._last_cause = cause
-            self._errors += 1
             self._probing = False
-            if self._errors < self.failures and not self.is_open:
+            now = self.clock.monotonic()
+            if self.is_open:  # a failed probe: wait another cooldown
+                self._retry_at = now + self.cooldown
                 return
-            self._retry_at = self.clock.monotonic() + self.cooldown
-            changed, self.is_open = not self.is_open, True
-        if changed and self.on_change is not None:
+            if self.counted and now < self._counted_at + self.window:
+                return
+            self._counted_at = now
+            self.counted += 1
+            if self.counted < self.failures:
+                return
+            self._retry_at = now + self.cooldown
+            self.is_open = True
+        if self.on_change is not None:
             self.on_change(True)
 
 
@@ -132,6 +141,7 @@ class GuardedCounters(Counters):
         lease_ttl: float = 60.0,
         failures: int = 3,
         cooldown: float = 1.0,
+        window: float = 0.1,
         on_change: Callable[[bool, dict[str, int]], None] | None = None,
     ) -> None:
         self.url = shared.url
@@ -140,7 +150,7 @@ class GuardedCounters(Counters):
         self.local = MemoryCounters(clock, lease_ttl)
         self.replicas = replicas
         self.on_change = on_change
-        self.breaker = Breaker(clock, failures, cooldown, self._changed)
+        self.breaker = Breaker(clock, failures, cooldown, self._changed, window=window)
         # Decisions taken in degraded mode, by tier mode (metrics read it; reset never).
         self.degraded: Counter[str] = Counter()
         self._since_start: Counter[str] = Counter()
@@ -170,7 +180,7 @@ class GuardedCounters(Counters):
             try:
                 verdict = self.shared.acquire(ask)
             except StoreError as exc:
-                self.breaker.failure(exc)
+                self.breaker.failure()
                 log.debug("shared counters failed: %s", exc)
             except BaseException:
                 self.breaker.failure()  # a half-open probe must not stay claimed
@@ -205,8 +215,8 @@ class GuardedCounters(Counters):
             return settled
         try:
             settled = self.shared.release(lease_id, actual_tokens)
-        except StoreError as exc:
-            self.breaker.failure(exc)
+        except StoreError:
+            self.breaker.failure()
             return None
         self.breaker.success()
         return settled
@@ -218,8 +228,8 @@ class GuardedCounters(Counters):
             return results
         try:
             shared = self.shared.release_many([releases[i] for i in rest])
-        except StoreError as exc:
-            self.breaker.failure(exc)
+        except StoreError:
+            self.breaker.failure()
             return results
         self.breaker.success()
         for i, settled in zip(rest, shared, strict=True):
@@ -250,8 +260,16 @@ class GuardedCounters(Counters):
     def drain_expired(self) -> list[Settlement]:
         drained = self.local.drain_expired()
         if not self.breaker.is_open:
-            drained += self.shared.drain_expired()
+            try:
+                drained += self.shared.drain_expired()
+            except StoreError as exc:
+                # Redis keeps them (a list with a TTL): the next drain that reaches it.
+                self.breaker.failure()
+                log.debug("expired leases stay in Redis for now: %s", exc)
         return drained
+
+    def ping(self) -> None:
+        self.shared.ping()
 
     def close(self) -> None:
         self.shared.close()

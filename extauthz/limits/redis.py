@@ -266,6 +266,12 @@ class RedisCounters(Counters):
     def leases_held(self) -> int:
         return 0  # per tenant only (in_flight): a global count would need a scan
 
+    def ping(self) -> None:
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis counters at {redact(self.url)} unreachable: {exc}") from None
+
     def close(self) -> None:
         if self._on_loops is not None:
             self._on_loops.close()

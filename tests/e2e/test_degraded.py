@@ -60,6 +60,13 @@ def test_each_tier_gets_its_mode_at_the_client_while_redis_is_cut(
     assert degraded_metric(metrics) == 0
     proxy.set("cut")
     try:
+        # A cut fails each call at once; the breaker opens once failures have spanned
+        # three of its windows (100 ms each): traffic meanwhile follows the tiers' modes.
+        def opened() -> bool:
+            get(stack.port, headers=[("x-api-key", keys[TenantTier.ENTERPRISE])])
+            return degraded_metric(metrics) == 1
+
+        wait_until(opened, 5, step=0.05)
         answers = {}
         for tier, key in keys.items():
             started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -52,21 +53,32 @@ def events() -> list[tuple[bool, dict[str, int]]]:
 def guarded(
     shared: FlakyCounters, clock: ManualClock, events: list[tuple[bool, dict[str, int]]]
 ) -> GuardedCounters:
+    # window 0: on this manual clock each failure is a stall of its own.
     return GuardedCounters(
-        shared, clock, replicas=2, failures=3, cooldown=1.0, on_change=lambda *e: events.append(e)
+        shared,
+        clock,
+        replicas=2,
+        failures=3,
+        cooldown=1.0,
+        window=0.0,
+        on_change=lambda *e: events.append(e),
     )
 
 
 def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown(
     clock: ManualClock,
 ) -> None:
+    """Three failures a window apart, with no success between, open the breaker; after
+    the cooldown one probe at a time goes through, and a success closes it."""
     changes: list[bool] = []
-    breaker = Breaker(clock, failures=3, cooldown=1.0, on_change=changes.append)
+    breaker = Breaker(clock, failures=3, cooldown=1.0, on_change=changes.append, window=0.1)
     breaker.failure()
     breaker.success()  # a success in between resets the run
-    breaker.failure()
-    breaker.failure()
+    for _ in range(2):
+        clock.advance(0.1)
+        breaker.failure()
     assert not breaker.is_open
+    clock.advance(0.1)
     breaker.failure()
     assert breaker.is_open
     assert changes == [True]
@@ -84,16 +96,23 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once_after_cooldown
     assert breaker.allow()
 
 
-def test_calls_that_failed_in_one_round_trip_count_once(clock: ManualClock) -> None:
-    """Queued checks share their round trip's error: one slow round trip under load is
-    one failure, not a burst that opens the breaker."""
-    breaker = Breaker(clock, failures=3)
-    shared_cause = StoreError("Timeout reading from socket")
-    for _ in range(50):
-        breaker.failure(shared_cause)
-    assert not breaker.is_open
-    breaker.failure(StoreError("again"))
-    breaker.failure(StoreError("and again"))
+def test_one_stall_seen_by_many_callers_counts_once(clock: ManualClock) -> None:
+    """64 threads failing within one window (a stall every gRPC thread sees on its own
+    connection, or every greenlet behind one round trip): one counted failure, the
+    breaker stays closed; failures spread over three windows open it."""
+    breaker = Breaker(clock, failures=3, window=0.1)
+    threads = [threading.Thread(target=breaker.failure) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    clock.advance(0.05)
+    breaker.failure()  # still within the window
+    assert (breaker.counted, breaker.is_open) == (1, False)
+    clock.advance(0.06)
+    breaker.failure()
+    clock.advance(0.1)
+    breaker.failure()
     assert breaker.is_open
 
 
