@@ -11,7 +11,12 @@ from extauthz.webhooks import signature
 
 
 class Receiver:
-    def __init__(self, secret: bytes, fail_first: int = 0) -> None:
+    """Answers 500 to the first ``fail_first`` attempts, then 204; or ``status`` (with
+    ``retry_after``) to every attempt."""
+
+    def __init__(
+        self, secret: bytes, fail_first: int = 0, status: int = 0, retry_after: str = ""
+    ) -> None:
         self.secret = secret
         self.fail_first = fail_first
         self.attempts = 0
@@ -26,13 +31,17 @@ class Receiver:
                 expected = signature(outer.secret, self.headers["x-extauthz-timestamp"], body)
                 if self.headers["x-extauthz-signature"] != expected:
                     outer.bad_signatures += 1
-                    status = 401
+                    code = 401
+                elif status:
+                    code = status
                 elif outer.attempts <= outer.fail_first:
-                    status = 500
+                    code = 500
                 else:
                     outer.received.append(json.loads(body))
-                    status = 204
-                self.send_response(status)
+                    code = 204
+                self.send_response(code)
+                if retry_after:
+                    self.send_header("retry-after", retry_after)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
