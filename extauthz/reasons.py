@@ -53,6 +53,9 @@ REASONS: dict[str, Reason] = {
         "Limits cannot be checked right now, and this tier is not served without them; "
         "retry shortly.",
     ),
+    # 429, not 503: in HTTP-service mode Envoy replaces any 5xx from the authorization
+    # service with an empty 503, and the client must see this reason and Retry-After.
+    "overloaded": Reason(429, "The authorization service is overloaded: retry after Retry-After."),
     "invalid_request": Reason(400, "The authorization request was incomplete or malformed."),
     "store_unavailable": Reason(503, "Authorization is temporarily unavailable; retry shortly."),
     "internal_error": Reason(503, "Authorization failed unexpectedly; retry shortly."),
@@ -75,7 +78,7 @@ def deny_decision(reason: str, key_headers: tuple[str, ...] = ("x-api-key",)) ->
         if reason != "missing_key":
             challenge += ', error="invalid_token"'
         client.append(("www-authenticate", challenge))
-    if spec.status == 503:
+    if spec.status == 503 or reason == "overloaded":
         client.append(("retry-after", "1"))
     body = json.dumps({"error": reason, "message": message}).encode()
     return Decision(False, spec.status, reason, message, client_headers=tuple(client), body=body)

@@ -216,9 +216,9 @@ class Sidecar:
         try:
             if self.mode in ("grpc", "both"):
                 addr = grpc_addr or settings.grpc_addr
+                check = GrpcAuthz(self.authorizer, self.authorizer.metrics)
                 self.grpc = GrpcServer(
-                    [GrpcAuthz(self.authorizer, self.authorizer.metrics).handler()],
-                    workers=settings.grpc_workers,
+                    [check.handler()], workers=settings.grpc_workers, overloaded=check.overloaded
                 )
                 self.health = self.grpc.add_health()
                 self.ports["grpc_port"] = self.grpc.bind(addr)

@@ -9,10 +9,11 @@ through).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -148,6 +149,15 @@ class GrpcAuthz:
         self._encoded = EncodedAnswers(encode)
         self._invalid = self._encoded(authorizer.denials["invalid_request"])
         self._internal = self._encoded(authorizer.denials["internal_error"])
+        self._overloaded = self._encoded(authorizer.denials["overloaded"])
+        self.shed = 0  # checks answered `overloaded` without being decided
+
+    def overloaded(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        """The answer to a check that arrives while the pool is full (see GrpcServer)."""
+        self.shed += 1
+        if self.metrics is not None:
+            self.metrics.decisions.labels("deny", "overloaded").inc()
+        return self._overloaded
 
     def check(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         if self.metrics is None:
@@ -188,14 +198,91 @@ class GrpcAuthz:
         return grpc.method_handlers_generic_handler(SERVICE, {"Check": method})
 
 
-class GrpcServer:
-    """A grpcio sync server with a small thread pool and no SO_REUSEPORT."""
+CHECK_METHOD = f"/{SERVICE}/Check"
 
-    def __init__(self, handlers: list[grpc.GenericRpcHandler[Any, Any]], workers: int = 4) -> None:
-        self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="extauthz-grpc")
+
+class _CountingPool(futures.ThreadPoolExecutor):
+    """A thread pool that knows how many calls it holds, queued or running."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        super().__init__(workers, thread_name_prefix=name)
+        self.backlog = 0
+        self._count = threading.Lock()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        with self._count:
+            self.backlog += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: object) -> None:
+        with self._count:
+            self.backlog -= 1
+
+
+class _OnItsOwnPool:
+    """A behaviour grpcio runs on ``experimental_thread_pool`` instead of the server's."""
+
+    def __init__(self, answer: Callable[..., bytes], pool: futures.ThreadPoolExecutor) -> None:
+        self.answer = answer
+        self.experimental_thread_pool = pool
+
+    def __call__(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        return self.answer(data, context)
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+
+class _Shedding(_Interceptor):
+    """Runs on grpcio's poller thread before a call is queued: with ``limit`` checks
+    already waiting or running, a new check goes to the shed handler instead, which
+    answers on a thread of its own (it never waits behind the queue it is shedding)."""
+
+    def __init__(self, pool: _CountingPool, limit: int, answer: Callable[..., bytes]) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.shed_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="extauthz-grpc-shed")
+        self.handler = grpc.unary_unary_rpc_method_handler(
+            _OnItsOwnPool(answer, self.shed_pool),
+            request_deserializer=bytes,
+            response_serializer=bytes,
+        )
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if self.pool.backlog >= self.limit and details.method == CHECK_METHOD:
+            return self.handler
+        return continuation(details)
+
+
+class GrpcServer:
+    """A grpcio sync server with a small thread pool and no SO_REUSEPORT. With
+    ``overloaded`` (the Check service's answer to a check it has no room for), at most
+    ``workers`` x 64 checks wait or run; more are answered at once with it, never
+    refused with a gRPC error (which Envoy can only turn into a bare 503)."""
+
+    def __init__(
+        self,
+        handlers: list[grpc.GenericRpcHandler[Any, Any]],
+        workers: int = 4,
+        overloaded: Callable[..., bytes] | None = None,
+    ) -> None:
+        self._pool = _CountingPool(workers, "extauthz-grpc")
+        self._shedding = (
+            None if overloaded is None else _Shedding(self._pool, workers * 64, overloaded)
+        )
         self._server = grpc.server(
             self._pool,
             handlers=handlers,
+            interceptors=[self._shedding] if self._shedding is not None else None,
             options=[
                 # Without this a stale server on the same port silently shares the traffic.
                 ("grpc.so_reuseport", 0),
@@ -204,7 +291,9 @@ class GrpcServer:
                 # stalled into a bimodal p50 of 3 ms / 16 ms; off, 1.7 ms (bench, README).
                 ("grpc.http2.bdp_probe", 0),
             ],
-            maximum_concurrent_rpcs=workers * 64,
+            # A backstop for memory: with shedding, grpcio's own refusal (an error,
+            # RESOURCE_EXHAUSTED) is reached only far past the point of shedding.
+            maximum_concurrent_rpcs=workers * 64 * (16 if overloaded is not None else 1),
         )
 
     def bind(self, address: str) -> int:
@@ -232,3 +321,5 @@ class GrpcServer:
         """Stop accepting, answer what is in flight (up to ``grace`` seconds), then close."""
         self._server.stop(grace).wait()
         self._pool.shutdown(wait=True)
+        if self._shedding is not None:
+            self._shedding.shed_pool.shutdown(wait=True)

@@ -152,6 +152,15 @@ class _Protocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         request = self._input()
         self._reset()
+        if self.server.waiting >= self.server.max_waiting:
+            # Past this many checks waiting on Redis or PostgreSQL, more would only
+            # wait longer than Envoy does: answer at once, explicitly.
+            self.server.shed += 1
+            if self.server.metrics is not None:
+                self.server.metrics.decisions.labels("deny", "overloaded").inc()
+            self._reply(self.server.overloaded, close=not keep_alive)
+            return
+        self.server.waiting += 1
         self.busy = True
         if self.transport is not None:
             self.transport.pause_reading()
@@ -187,6 +196,7 @@ class _Protocol(asyncio.Protocol):
         if metrics is not None:
             metrics.active.dec()
             metrics.transport_duration["http"].observe(time.perf_counter() - started)
+        self.server.waiting -= 1
         self.busy = False
         self._reply(payload, close=not keep_alive)
         if self.transport is not None and not self.transport.is_closing():
@@ -232,7 +242,11 @@ class HttpAuthzServer:
     """The HTTP-service endpoint on an asyncio loop (uvloop when installed)."""
 
     def __init__(
-        self, authorizer: Authorizer, metrics: Metrics | None = None, waits: str = INLINE
+        self,
+        authorizer: Authorizer,
+        metrics: Metrics | None = None,
+        waits: str = INLINE,
+        max_waiting: int = 1024,
     ) -> None:
         self.metrics = metrics
         # INLINE: checks run on the loop (microseconds with local counters and SQLite).
@@ -248,6 +262,10 @@ class HttpAuthzServer:
         )
         self.check: Callable[[CheckInput], Decision] = authorizer.check
         denials = authorizer.denials
+        self.waiting = 0  # deferred checks not answered yet (on the loop only)
+        self.max_waiting = max_waiting
+        self.shed = 0
+        self.overloaded = render(denials["overloaded"])
         self.bad_request = render(denials["invalid_request"], keep_alive=False)
         self.internal_error = render(denials["internal_error"], keep_alive=False)
         self.too_large = (
@@ -304,11 +322,15 @@ class HttpAuthzThread:
     thread stays free for signals and the gRPC server."""
 
     def __init__(
-        self, authorizer: Authorizer, metrics: Metrics | None = None, waits: str = INLINE
+        self,
+        authorizer: Authorizer,
+        metrics: Metrics | None = None,
+        waits: str = INLINE,
+        max_waiting: int = 1024,
     ) -> None:
         import threading
 
-        self.server = HttpAuthzServer(authorizer, metrics, waits)
+        self.server = HttpAuthzServer(authorizer, metrics, waits, max_waiting)
         self.loop = suspend.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="extauthz-http", daemon=True

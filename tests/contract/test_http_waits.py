@@ -63,3 +63,52 @@ def test_a_slow_redis_round_trip_does_not_stall_other_connections(tmp_path: Path
             proxy.set("pass")
             server.stop(1)
             runtime.close()
+
+
+def test_checks_past_the_waiting_limit_are_answered_overloaded_at_once(tmp_path: Path) -> None:
+    """BAD_INPUTS #26, HTTP service: with Redis slowed to 300 ms and at most 4 checks
+    allowed to wait on it, 10 checks at once: 4 are decided when Redis answers, the
+    other 6 get 429 `overloaded` with Retry-After immediately, never a 5xx."""
+    with fault_proxy(*redis_address()) as proxy:
+        runtime = Runtime.open(
+            Settings(
+                data_dir=tmp_path,
+                counters_url=f"redis://127.0.0.1:{proxy.port}/0",
+                counters_timeout=1.0,
+                metrics_addr="off",
+            )
+        )
+        runtime.counters.shared.prefix = f"t{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+        tenant = runtime.tenants.create_tenant("acme", TenantTier.STARTER)
+        key = runtime.keys.create_key(tenant.id)[1]
+        server = HttpAuthzThread(runtime.authorizer(), waits=GREENLETS, max_waiting=4)
+        port = server.start("127.0.0.1", 0)
+        replies: list[tuple[bytes, float]] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(10)
+
+        def one() -> None:
+            barrier.wait(5)
+            started = time.monotonic()
+            reply = exchange(port, request("/v1", f"x-api-key: {key}", "connection: close"))
+            with lock:
+                replies.append((reply, time.monotonic() - started))
+
+        try:
+            assert exchange(port, request("/v1", f"x-api-key: {key}"))[:15] == b"HTTP/1.1 200 OK"
+            proxy.set("delay", delay=0.3)
+            threads = [threading.Thread(target=one) for _ in range(10)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+        finally:
+            proxy.set("pass")
+            server.stop(1)
+            runtime.close()
+    shed = [(r, took) for r, took in replies if r.startswith(b"HTTP/1.1 429 ")]
+    decided = [(r, took) for r, took in replies if r.startswith(b"HTTP/1.1 200 ")]
+    assert (len(shed), len(decided)) == (6, 4)
+    assert all(b'"error": "overloaded"' in r and b"retry-after: 1\r\n" in r for r, _ in shed)
+    assert max(took for _, took in shed) < 0.25 <= min(took for _, took in decided)
+    assert server.server.shed == 6

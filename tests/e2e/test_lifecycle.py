@@ -68,7 +68,8 @@ def test_repo_envoy_config_is_explicit_about_failure_handling(name: str) -> None
 @pytest.mark.parametrize("mode", ["grpc", "http"])
 def test_sidecar_down_means_503_never_allow(tmp_path: Path, mode: str) -> None:
     """With nothing listening on the ext_authz port, Envoy answers 503 and the backend is
-    never reached (failure_mode_allow: false)."""
+    never reached (failure_mode_allow: false); the 503 is a JSON reason with Retry-After
+    (our configs' local reply), not an empty body."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]  # closed again before Envoy starts
@@ -88,6 +89,9 @@ def test_sidecar_down_means_503_never_allow(tmp_path: Path, mode: str) -> None:
     try:
         reply = get(envoy.listener_port())
         assert reply.status == 503
+        assert reply.json()["error"] == "authorization_unavailable"
+        assert reply.headers["retry-after"] == "1"
+        assert reply.headers["content-type"] == "application/json"
         assert backend.hits == 0
     finally:
         envoy.stop()

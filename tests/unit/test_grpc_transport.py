@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -244,3 +245,55 @@ def test_per_request_ratelimit_headers_merge_into_the_cached_allow(
         ("x-long", long_value),
         ("a", ""),
     ]
+
+
+def test_checks_past_the_pool_are_answered_overloaded_never_refused(
+    authorizer: Authorizer, acme_key: tuple[str, str]
+) -> None:
+    """BAD_INPUTS #26: with one worker held busy and its 64 places taken, 200 more
+    checks at once each get an explicit CheckResponse, 429 `overloaded` with
+    Retry-After (answered on a thread of its own), never a gRPC error; once the
+    worker is free, checks are decided again."""
+    release = threading.Event()
+    slow_started = threading.Event()
+    check = authorizer.check
+
+    def slow(request: CheckInput) -> Decision:
+        slow_started.set()
+        release.wait(10)
+        return check(request)
+
+    authorizer.check = slow  # type: ignore[method-assign]
+    grpc_authz = GrpcAuthz(authorizer)
+    server = GrpcServer([grpc_authz.handler()], workers=1, overloaded=grpc_authz.overloaded)
+    port = server.bind("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    payload = make_request({"x-api-key": acme_key[1]}).SerializeToString()
+    stub = channel.unary_unary(METHOD)
+    try:
+        held = [stub.future(payload, timeout=20) for _ in range(64)]
+        assert slow_started.wait(5)
+        deadline = time.monotonic() + 5
+        while server._pool.backlog < 64 and time.monotonic() < deadline:
+            time.sleep(0.005)  # until all 64 have reached the pool
+        answers = [
+            authz_pb2.CheckResponse.FromString(stub(payload, timeout=10)) for _ in range(200)
+        ]
+        release.set()
+        decided = [authz_pb2.CheckResponse.FromString(f.result()) for f in held]
+        authorizer.check = check  # type: ignore[method-assign]
+        after = call(channel, payload)
+    finally:
+        release.set()
+        channel.close()
+        server.stop(1)
+    assert {a.denied_response.status.code for a in answers} == {429}
+    assert all('"error": "overloaded"' in a.denied_response.body for a in answers)
+    assert all(
+        ("retry-after", "1") in {(h.header.key, h.header.value) for h in a.denied_response.headers}
+        for a in answers
+    )
+    assert grpc_authz.shed == 200
+    assert {d.status.code for d in decided} == {0}
+    assert after.status.code == 0
