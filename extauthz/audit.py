@@ -66,14 +66,6 @@ def make_event(clock: Clock, action: str, outcome: str, **fields: object) -> Aud
     return AuditEvent(action, outcome, clock.now(), detail=text, **fields)  # type: ignore[arg-type]
 
 
-def _to_row(event: AuditEvent) -> dict[str, object]:
-    return event.to_dict()
-
-
-def _event(row: dict[str, object]) -> AuditEvent:
-    return AuditEvent(**row)  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class Verification:
     checked: int
@@ -98,7 +90,11 @@ class AuditLogger:
         self.store = store
         self.clock = clock
         self.blocking = blocking
-        spill = None if spill_dir is None else Spill(spill_dir, "audit", _to_row, _event)
+        spill = (
+            None
+            if spill_dir is None
+            else Spill(spill_dir, "audit", AuditEvent.__slots__, AuditEvent)
+        )
         self.writer: BatchWriter[AuditEvent] = BatchWriter(
             "audit", store.append_audit, capacity=capacity, interval=interval, spill=spill
         )

@@ -216,9 +216,8 @@ class Sidecar:
         try:
             if self.mode in ("grpc", "both"):
                 addr = grpc_addr or settings.grpc_addr
-                check = GrpcAuthz(self.authorizer, self.authorizer.metrics)
-                self.grpc = GrpcServer(
-                    [check.handler()], workers=settings.grpc_workers, overloaded=check.overloaded
+                self.grpc = GrpcServer.for_checks(
+                    GrpcAuthz(self.authorizer, self.authorizer.metrics), settings.grpc_workers
                 )
                 self.health = self.grpc.add_health()
                 self.ports["grpc_port"] = self.grpc.bind(addr)

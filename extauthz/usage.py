@@ -68,14 +68,6 @@ def incomplete(settled: Settlement) -> UsageRecord:
     return _record(settled, settled.reserved, 0, incomplete=True)
 
 
-def _to_row(record: UsageRecord) -> dict[str, object]:
-    return record.to_dict()
-
-
-def _record_of(row: dict[str, Any]) -> UsageRecord:
-    return UsageRecord(**row)
-
-
 def totals(records: Iterable[UsageRecord]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": 0,
@@ -108,7 +100,11 @@ class UsageTracker:
         self.store = store
         self.clock = clock
         self.policy = policy
-        spill = None if spill_dir is None else Spill(spill_dir, "usage", _to_row, _record_of)
+        spill = (
+            None
+            if spill_dir is None
+            else Spill(spill_dir, "usage", UsageRecord.__slots__, UsageRecord)
+        )
         self.writer: BatchWriter[UsageRecord] = BatchWriter(
             "usage", store.add_usage, capacity=capacity, interval=interval, spill=spill
         )

@@ -9,7 +9,6 @@ through).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -190,39 +189,18 @@ class GrpcAuthz:
             log.exception("check failed")
             return self._internal
 
-    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+    def method(self) -> grpc.RpcMethodHandler[Any, Any]:
         identity: Callable[[bytes], bytes] = bytes
-        method = grpc.unary_unary_rpc_method_handler(
+        return grpc.unary_unary_rpc_method_handler(
             self.check, request_deserializer=identity, response_serializer=identity
         )
-        return grpc.method_handlers_generic_handler(SERVICE, {"Check": method})
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The Check service, without overload shedding (see GrpcServer.for_checks)."""
+        return grpc.method_handlers_generic_handler(SERVICE, {"Check": self.method()})
 
 
 CHECK_METHOD = f"/{SERVICE}/Check"
-
-
-class _CountingPool(futures.ThreadPoolExecutor):
-    """A thread pool that knows how many calls it holds, queued or running."""
-
-    def __init__(self, workers: int, name: str) -> None:
-        super().__init__(workers, thread_name_prefix=name)
-        self.backlog = 0
-        self._count = threading.Lock()
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
-        with self._count:
-            self.backlog += 1
-        try:
-            future = super().submit(fn, *args, **kwargs)
-        except BaseException:
-            self._done(None)
-            raise
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, _future: object) -> None:
-        with self._count:
-            self.backlog -= 1
 
 
 class _OnItsOwnPool:
@@ -237,52 +215,56 @@ class _OnItsOwnPool:
 
 
 if TYPE_CHECKING:
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Generic = grpc.GenericRpcHandler[Any, Any]
 else:
-    _Interceptor = grpc.ServerInterceptor
+    _Generic = grpc.GenericRpcHandler
 
 
-class _Shedding(_Interceptor):
-    """Runs on grpcio's poller thread before a call is queued: with ``limit`` checks
-    already waiting or running, a new check goes to the shed handler instead, which
-    answers on a thread of its own (it never waits behind the queue it is shedding)."""
+class _Shedding(_Generic):
+    """Finds the Check handler for each call, on grpcio's poller thread before the call
+    is queued: with ``limit`` checks already queued for the pool, a new check gets the
+    shed handler instead, which answers on a thread of its own (it never waits behind
+    the queue it is shedding). Costs one queue-length read per call."""
 
-    def __init__(self, pool: _CountingPool, limit: int, answer: Callable[..., bytes]) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        check: grpc.RpcMethodHandler[Any, Any],
+        answer: Callable[..., bytes],
+        pool: futures.ThreadPoolExecutor,
+        limit: int,
+    ) -> None:
+        self.check = check
+        # ThreadPoolExecutor's own queue: what waits for a worker.
+        self.queue = pool._work_queue
         self.limit = limit
         self.shed_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="extauthz-grpc-shed")
-        self.handler = grpc.unary_unary_rpc_method_handler(
+        self.shed = grpc.unary_unary_rpc_method_handler(
             _OnItsOwnPool(answer, self.shed_pool),
             request_deserializer=bytes,
             response_serializer=bytes,
         )
 
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
-        if self.pool.backlog >= self.limit and details.method == CHECK_METHOD:
-            return self.handler
-        return continuation(details)
+    def service(self, details: Any) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if details.method != CHECK_METHOD:
+            return None
+        return self.shed if self.queue.qsize() >= self.limit else self.check
 
 
 class GrpcServer:
-    """A grpcio sync server with a small thread pool and no SO_REUSEPORT. With
-    ``overloaded`` (the Check service's answer to a check it has no room for), at most
-    ``workers`` x 64 checks wait or run; more are answered at once with it, never
-    refused with a gRPC error (which Envoy can only turn into a bare 503)."""
+    """A grpcio sync server with a small thread pool and no SO_REUSEPORT."""
 
     def __init__(
         self,
         handlers: list[grpc.GenericRpcHandler[Any, Any]],
         workers: int = 4,
-        overloaded: Callable[..., bytes] | None = None,
+        *,
+        max_concurrent: int | None = None,
     ) -> None:
-        self._pool = _CountingPool(workers, "extauthz-grpc")
-        self._shedding = (
-            None if overloaded is None else _Shedding(self._pool, workers * 64, overloaded)
-        )
+        self._pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="extauthz-grpc")
+        self._shedding: _Shedding | None = None
         self._server = grpc.server(
             self._pool,
             handlers=handlers,
-            interceptors=[self._shedding] if self._shedding is not None else None,
             options=[
                 # Without this a stale server on the same port silently shares the traffic.
                 ("grpc.so_reuseport", 0),
@@ -291,10 +273,21 @@ class GrpcServer:
                 # stalled into a bimodal p50 of 3 ms / 16 ms; off, 1.7 ms (bench, README).
                 ("grpc.http2.bdp_probe", 0),
             ],
-            # A backstop for memory: with shedding, grpcio's own refusal (an error,
-            # RESOURCE_EXHAUSTED) is reached only far past the point of shedding.
-            maximum_concurrent_rpcs=workers * 64 * (16 if overloaded is not None else 1),
+            maximum_concurrent_rpcs=max_concurrent or workers * 64,
         )
+
+    @classmethod
+    def for_checks(cls, check: GrpcAuthz, workers: int = 4) -> GrpcServer:
+        """The Check service, shedding: at most ``workers`` x 64 checks wait for a worker;
+        more are answered at once with 429 `overloaded`, never refused with a gRPC error
+        (grpcio's own limit answers RESOURCE_EXHAUSTED, which Envoy can only turn into
+        its own 503). grpcio's limit stays, far above, as a bound on memory."""
+        server = cls([], workers, max_concurrent=workers * 64 * 16)
+        # workers x 64 in all: the ones running, and the rest queued for them.
+        queued = workers * 63
+        server._shedding = _Shedding(check.method(), check.overloaded, server._pool, queued)
+        server._server.add_generic_rpc_handlers((server._shedding,))
+        return server
 
     def bind(self, address: str) -> int:
         """Listen on ``host:port`` (port 0 picks a free one); returns the bound port."""

@@ -65,7 +65,8 @@ def test_compose_is_safe_to_start_as_it_is() -> None:
         grafana["GF_SECURITY_ADMIN_PASSWORD"]
         == "${GRAFANA_ADMIN_PASSWORD:?set GRAFANA_ADMIN_PASSWORD}"
     )
-    assert "admin/admin" not in text and "admin / admin" not in text
+    assert "admin/admin" not in text
+    assert "admin / admin" not in text
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(
         "${POSTGRES_PASSWORD:?"
     )

@@ -250,7 +250,7 @@ def test_per_request_ratelimit_headers_merge_into_the_cached_allow(
 def test_checks_past_the_pool_are_answered_overloaded_never_refused(
     authorizer: Authorizer, acme_key: tuple[str, str]
 ) -> None:
-    """BAD_INPUTS #26: with one worker held busy and its 64 places taken, 200 more
+    """BAD_INPUTS #26: with one worker held busy and its 64 queue places taken, 200 more
     checks at once each get an explicit CheckResponse, 429 `overloaded` with
     Retry-After (answered on a thread of its own), never a gRPC error; once the
     worker is free, checks are decided again."""
@@ -265,7 +265,7 @@ def test_checks_past_the_pool_are_answered_overloaded_never_refused(
 
     authorizer.check = slow  # type: ignore[method-assign]
     grpc_authz = GrpcAuthz(authorizer)
-    server = GrpcServer([grpc_authz.handler()], workers=1, overloaded=grpc_authz.overloaded)
+    server = GrpcServer.for_checks(grpc_authz, workers=1)
     port = server.bind("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -275,8 +275,8 @@ def test_checks_past_the_pool_are_answered_overloaded_never_refused(
         held = [stub.future(payload, timeout=20) for _ in range(64)]
         assert slow_started.wait(5)
         deadline = time.monotonic() + 5
-        while server._pool.backlog < 64 and time.monotonic() < deadline:
-            time.sleep(0.005)  # until all 64 have reached the pool
+        while server._pool._work_queue.qsize() < 63 and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the 63 not running have reached the pool's queue
         answers = [
             authz_pb2.CheckResponse.FromString(stub(payload, timeout=10)) for _ in range(200)
         ]

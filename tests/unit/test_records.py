@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,28 +16,37 @@ from extauthz.records import BatchWriter
 from extauthz.spill import Spill
 
 
+@dataclass(slots=True)
+class Row:
+    n: int
+
+
 class FlakyStore:
-    """Takes batches of ints; refuses them while ``down``; remembers each one written."""
+    """Takes batches of rows; refuses them while ``down``; remembers each one written."""
 
     def __init__(self) -> None:
         self.down = False
         self.rows: list[int] = []
         self.batches = 0
 
-    def write(self, items: Sequence[int]) -> None:
+    def write(self, items: Sequence[Row]) -> None:
         if self.down:
             raise StoreError("database is down")
-        self.rows.extend(items)
+        self.rows.extend(r.n for r in items)
         self.batches += 1
 
 
-def spill(tmp_path: Path, owner: str = "") -> Spill[int]:
-    return Spill(tmp_path / "spill", "usage", lambda n: {"n": n}, lambda row: int(row["n"]), owner)
+def rows(numbers: range | list[int]) -> list[Row]:
+    return [Row(n) for n in numbers]
+
+
+def spill(tmp_path: Path, owner: str = "") -> Spill[Row]:
+    return Spill(tmp_path / "spill", "usage", ("n",), Row, owner)
 
 
 def writer(
     store: FlakyStore, tmp_path: Path, capacity: int = 100, owner: str = ""
-) -> BatchWriter[int]:
+) -> BatchWriter[Row]:
     return BatchWriter(
         "usage", store.write, capacity=capacity, batch=50, spill=spill(tmp_path, owner)
     )
@@ -48,7 +58,7 @@ def test_a_full_queue_spills_to_disk_and_the_store_gets_every_record_once(tmp_pa
     store = FlakyStore()
     w = writer(store, tmp_path)
     store.down = True
-    assert all(w.put(n) for n in range(1000))
+    assert all(w.put(r) for r in rows(range(1000)))
     with pytest.raises(StoreError):
         w.flush()
     assert (w.dropped, w.spilled, w.pending) == (0, 900, 1000)
@@ -65,8 +75,8 @@ def test_what_a_stop_cannot_write_is_written_by_the_next_start(tmp_path: Path) -
     same data directory writes it (once) when it starts, and removes the file."""
     store = FlakyStore()
     first = writer(store, tmp_path, owner="1")
-    for n in range(300):
-        first.put(n)
+    for r in rows(range(300)):
+        first.put(r)
     store.down = True
     first.close()  # no error: the records are on disk
     assert store.rows == []
@@ -83,11 +93,11 @@ def test_write_now_goes_straight_to_the_store_in_batches(tmp_path: Path) -> None
     are all written, in batches, never dropped; what the store refuses is spilled."""
     store = FlakyStore()
     w = writer(store, tmp_path)
-    w.write_now(list(range(10_000)))
+    w.write_now(rows(range(10_000)))
     assert len(store.rows) == 10_000
     assert store.batches == 200
     store.down = True
-    w.write_now(list(range(10_000, 10_500)))
+    w.write_now(rows(range(10_000, 10_500)))
     assert (w.dropped, w.spilled) == (0, 500)
     store.down = False
     w.flush()
@@ -102,7 +112,7 @@ def test_a_live_process_spill_is_left_alone_and_an_ended_ones_adopted_once(
     writer; once released, exactly one writer adopts it."""
     store = FlakyStore()
     live = spill(tmp_path, owner="live")
-    live.add([1, 2, 3])  # takes and holds its lock
+    live.add(rows([1, 2, 3]))  # takes and holds its lock
     other = writer(store, tmp_path, owner="other")
     other.flush()
     other.close()
@@ -128,11 +138,11 @@ def test_a_replay_interrupted_by_the_store_resumes_where_it_stopped(tmp_path: Pa
     """The store failing mid-replay: batches already written are not written again."""
     store = FlakyStore()
     kept = spill(tmp_path, owner="old")
-    kept.add(list(range(200)))
+    kept.add(rows(range(200)))
     kept.close()
     calls = 0
 
-    def fails_third_batch(items: Sequence[int]) -> None:
+    def fails_third_batch(items: Sequence[Row]) -> None:
         nonlocal calls
         calls += 1
         if calls == 3:
@@ -156,9 +166,30 @@ def test_with_no_disk_either_a_record_is_dropped_counted_and_logged(
     blocker.write_text("a file where the directory should be")
     store = FlakyStore()
     w = writer(store, tmp_path, capacity=1)
-    assert w.put(1)
-    assert not w.put(2)
+    assert w.put(Row(1))
+    assert not w.put(Row(2))
     assert w.dropped == 1
     assert "nowhere to keep them: 1 dropped so far" in caplog.text
     w.close()
     assert store.rows == [1]
+
+
+@dataclass(slots=True)
+class Pair:
+    a: int
+    b: str
+
+
+def test_a_spill_file_is_read_by_field_name_whatever_version_wrote_it(tmp_path: Path) -> None:
+    """A file whose header names the fields in another order (another version wrote
+    it) is read back by name; a line cut short by a crash is skipped, the rest read."""
+    directory = tmp_path / "spill"
+    directory.mkdir()
+    (directory / "usage-old.jsonl").write_text(
+        '{"fields": ["b", "a"]}\n["x", 1]\n["y", 2]\n["z", \n'
+    )
+    got: list[Pair] = []
+    reader = Spill(directory, "usage", ("a", "b"), Pair, "new")
+    assert reader.replay(got.extend, 10) == 2
+    assert got == [Pair(1, "x"), Pair(2, "y")]
+    assert not (directory / "usage-old.jsonl").exists()
