@@ -162,7 +162,7 @@ def cpu_seconds(pid: int) -> float:
 def context_switches(pid: int) -> int:
     """Voluntary context switches of every thread of ``pid`` and its descendants: each
     is a thread going to sleep (on I/O, a lock or the GIL) and being woken again, which
-    on the bench's VM costs several microseconds of CPU (README, Benchmarks)."""
+    on the bench's VM costs several microseconds of CPU (docs/benchmarks.md)."""
     total = 0
     for proc in _tree(pid):
         try:

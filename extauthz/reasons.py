@@ -1,4 +1,4 @@
-"""Every deny reason the product answers with, its status and message; the README's
+"""Every deny reason the product answers with, its status and message; docs/deny-reasons.md's
 table mirrors this one, and a test keeps them in step."""
 
 from __future__ import annotations

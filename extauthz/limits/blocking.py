@@ -4,8 +4,8 @@ thread has its own plain blocking connection, and sends and reads its call itsel
 It replaced a Redis thread that ran the event-loop client (resp.py) for the other
 threads. Handing each call to that thread and back cost two thread wake-ups and two
 hand-overs of the GIL per check. On the bench host's 2 cores, those cost more CPU than
-the round trip itself: the Redis thread alone took 70 µs per check in gRPC mode (README,
-Benchmarks).
+the round trip itself: the Redis thread alone took 70 µs per check in gRPC mode (docs/
+benchmarks.md).
 
 Timeouts are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO), so a call is one send and usually
 one receive, with no poll before each (TLS connections keep Python's socket timeout: see

@@ -6,7 +6,7 @@ Every check still runs its own script, in exactly one round trip, but the checks
 arrive while a round trip is in flight go together in the next one, pipelined, from a
 single I/O thread. Measured on the bench host (2 cores), 16 threads each making their
 own call cost ~330 us of CPU per call, mostly threads contending for the GIL and the
-connection pool; pipelined from one thread, a fraction of that (README, Benchmarks).
+connection pool; pipelined from one thread, a fraction of that (docs/benchmarks.md).
 """
 
 from __future__ import annotations

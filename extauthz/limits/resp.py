@@ -4,8 +4,8 @@ A check greenlet (suspend.py) that needs Redis queues its command on the loop's 
 connection and yields; the commands queued in one turn of the loop leave in one write,
 and each reply switches straight back into its check when it is read. Compared with
 handing the call to an I/O thread this saves two thread hand-offs and the GIL traffic
-they cause, which on the bench host cost more CPU than the round trip itself (README,
-Benchmarks).
+they cause, which on the bench host cost more CPU than the round trip itself (docs/
+benchmarks.md).
 
 Failures look like redis-py's to the caller: a StoreError, shared by every call that
 was waiting on the same broken connection (the breaker counts it once). A call not

@@ -270,7 +270,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 # With BDP probing on, Envoy's multiplexed checks at a moderate rate
-                # stalled into a bimodal p50 of 3 ms / 16 ms; off, 1.7 ms (bench, README).
+                # stalled into a bimodal p50 of 3 ms / 16 ms; off, 1.7 ms (docs/design.md).
                 ("grpc.http2.bdp_probe", 0),
             ],
             maximum_concurrent_rpcs=max_concurrent or workers * 64,
