@@ -129,13 +129,16 @@ def test_a_blackholed_tls_connection_times_out_like_a_plain_one(
     where: str, tls: tuple[int, str], loop_checks: LoopChecks
 ) -> None:
     """Redis behind TLS stops answering after the handshake: the check fails with
-    StoreError after about the 50 ms timeout, from a thread's connection (where a
-    blocking TLS socket would otherwise retry forever) and from the loop's; after the
-    fault the next check works on a new connection."""
+    StoreError after about its timeout, from a thread's connection (where a blocking TLS
+    socket would otherwise retry forever) and from the loop's; after the fault the next
+    check works on a new connection. (200 ms rather than the default 50: the 50 ms
+    version failed once in a full run on a loaded 2-core host.)"""
     port, ca = tls
     with fault_proxy("127.0.0.1", port) as proxy:
         counters = RedisCounters(
-            f"rediss://localhost:{proxy.port}/0?ssl_ca_certs={ca}", prefix=f"t{uuid.uuid4().hex}"
+            f"rediss://localhost:{proxy.port}/0?ssl_ca_certs={ca}",
+            prefix=f"t{uuid.uuid4().hex}",
+            timeout=0.2,
         )
 
         def check(lease: str) -> Any:
@@ -145,9 +148,9 @@ def test_a_blackholed_tls_connection_times_out_like_a_plain_one(
             assert check("1").allowed
             proxy.set("drop")
             started = time.monotonic()
-            with pytest.raises(StoreError, match="did not answer within 50 ms"):
+            with pytest.raises(StoreError, match="did not answer within 200 ms"):
                 check("2")
-            assert time.monotonic() - started < 0.3
+            assert time.monotonic() - started < 0.6
             proxy.set("pass")
             assert check("3").allowed
         finally:
