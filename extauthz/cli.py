@@ -1,5 +1,6 @@
-"""The `extauthz` command. Admin commands live here; `serve` in runner.py, `up`, `demo`
-and `envoy-config` in stack.py, the records' commands in cli_records.py.
+"""The `extauthz` command: init, tenants, policy and the parser live here; keys in
+cli_keys.py, `serve` in runner.py, `up`, `demo` and `envoy-config` in stack.py, the
+records' commands in cli_records.py and cli_audit.py.
 
 Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 conflict, 130 interrupted.
 """
@@ -8,65 +9,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from extauthz import __version__
 from extauthz.app import Runtime, init
+from extauthz.cli_common import Handler, print_json, table, when, with_runtime
 from extauthz.errors import ConflictError, ExtauthzError, NotFoundError, UsageError
 from extauthz.keys import without_secrets
-from extauthz.model import APIKey, Tenant, TenantTier
-from extauthz.settings import Settings, load_settings, parse_duration
+from extauthz.model import Tenant, TenantTier
+from extauthz.settings import Settings, load_settings
 from extauthz.telemetry.logs import configure as configure_logs
-
-Handler = Callable[[argparse.Namespace, Settings], int]
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=False))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _tenant_json(t: Tenant) -> dict[str, object]:
     data = t.to_dict()
-    data["created_at"], data["updated_at"] = _when(t.created_at), _when(t.updated_at)
-    return data
-
-
-def _key_state(k: APIKey, now: float) -> str:
-    state = k.state_at(now)
-    if state == "active" and k.expires_at is not None:
-        return f"active until {_when(k.expires_at)}"
-    return state
-
-
-def _key_json(k: APIKey, now: float) -> dict[str, object]:
-    data: dict[str, object] = {
-        "key_id": k.key_id,
-        "tenant_id": k.tenant_id,
-        "name": k.name,
-        "state": k.state_at(now),
-    }
-    for field in ("created_at", "expires_at", "revoked_at", "last_used_at"):
-        data[field] = None if getattr(k, field) is None else _when(getattr(k, field))
-    data["rotated_to"] = k.rotated_to
+    data["created_at"], data["updated_at"] = when(t.created_at), when(t.updated_at)
     return data
 
 
@@ -76,7 +38,7 @@ def _key_json(k: APIKey, now: float) -> dict[str, object]:
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     result = init(settings)
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         if result["pepper_file"]:
             verb = "created" if result["pepper_created"] else "kept existing"
@@ -90,20 +52,9 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------- tenants
 
 
-def _with_runtime(fn: Callable[[argparse.Namespace, Runtime], int]) -> Handler:
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        runtime = Runtime.open(settings)
-        try:
-            return fn(args, runtime)
-        finally:
-            runtime.close()
-
-    return run
-
-
 def _show_tenant(args: argparse.Namespace, rt: Runtime, t: Tenant, verb: str = "") -> int:
     if args.json:
-        _print_json(_tenant_json(t))
+        print_json(_tenant_json(t))
     elif verb:
         print(f"{verb} tenant {t.name} ({t.id}): tier {t.tier.value}, {t.status.value}")
     else:
@@ -115,34 +66,34 @@ def _show_tenant(args: argparse.Namespace, rt: Runtime, t: Tenant, verb: str = "
     return 0
 
 
-@_with_runtime
+@with_runtime
 def cmd_tenants_create(args: argparse.Namespace, rt: Runtime) -> int:
     tenant = rt.tenants.create_tenant(args.name, TenantTier.parse(args.tier), args.id)
     return _show_tenant(args, rt, tenant, "created")
 
 
-@_with_runtime
+@with_runtime
 def cmd_tenants_list(args: argparse.Namespace, rt: Runtime) -> int:
     tenants = rt.tenants.list_tenants()
     if args.json:
-        _print_json([_tenant_json(t) for t in tenants])
+        print_json([_tenant_json(t) for t in tenants])
     elif not tenants:
         print("no tenants yet: create one with `extauthz tenants create NAME --tier free`")
     else:
-        _table(
-            [[t.id, t.name, t.tier.value, t.status.value, _when(t.created_at)] for t in tenants],
+        table(
+            [[t.id, t.name, t.tier.value, t.status.value, when(t.created_at)] for t in tenants],
             ["ID", "NAME", "TIER", "STATUS", "CREATED"],
         )
     return 0
 
 
-@_with_runtime
+@with_runtime
 def cmd_tenants_show(args: argparse.Namespace, rt: Runtime) -> int:
     return _show_tenant(args, rt, rt.tenants.find(args.tenant))
 
 
 def _tenant_change(action: str) -> Handler:
-    @_with_runtime
+    @with_runtime
     def run(args: argparse.Namespace, rt: Runtime) -> int:
         tenant = rt.tenants.find(args.tenant)
         if action == "suspend":
@@ -154,121 +105,12 @@ def _tenant_change(action: str) -> Handler:
             return _show_tenant(args, rt, changed, "updated")
         rt.tenants.delete(tenant.id)
         if args.json:
-            _print_json({"id": tenant.id, "deleted": True})
+            print_json({"id": tenant.id, "deleted": True})
         else:
             print(f"deleted tenant {tenant.name} ({tenant.id}) and all its keys")
         return 0
 
     return run
-
-
-# ---------------------------------------------------------------- keys
-
-
-def _print_new_key(
-    args: argparse.Namespace, rt: Runtime, key_id: str, full_key: str, verb: str
-) -> None:
-    key = rt.keys.get_key(key_id)
-    if args.json:
-        _print_json(
-            {
-                "key_id": key_id,
-                "key": full_key,
-                "tenant_id": key.tenant_id,
-                "name": key.name,
-                "expires_at": key.expires_at and _when(key.expires_at),
-            }
-        )
-        return
-    print(
-        f"{verb} API key {key_id} for tenant {key.tenant_id}"
-        + (f", expires {_when(key.expires_at)}" if key.expires_at else "")
-    )
-    print(f"key: {full_key}")
-    print("This is the only time the key is shown: store it now.", file=sys.stderr)
-
-
-@_with_runtime
-def cmd_keys_create(args: argparse.Namespace, rt: Runtime) -> int:
-    tenant = rt.tenants.find(args.tenant)
-    expires = parse_duration(args.expires_in, "--expires-in") if args.expires_in else None
-    if expires == 0:
-        raise ExtauthzError("--expires-in must be more than 0")
-    key_id, full_key = rt.keys.create_key(tenant.id, args.name, expires)
-    _print_new_key(args, rt, key_id, full_key, "created")
-    return 0
-
-
-@_with_runtime
-def cmd_keys_list(args: argparse.Namespace, rt: Runtime) -> int:
-    tenant_id = rt.tenants.find(args.tenant).id if args.tenant else None
-    keys, now = rt.keys.list_keys(tenant_id), rt.clock.now()
-    if args.json:
-        _print_json([_key_json(k, now) for k in keys])
-    elif not keys:
-        print("no API keys" + (f" for {args.tenant}" if args.tenant else ""))
-    else:
-        _table(
-            [
-                [
-                    k.key_id,
-                    k.tenant_id,
-                    k.name,
-                    _key_state(k, now),
-                    _when(k.created_at),
-                    _when(k.last_used_at),
-                ]
-                for k in keys
-            ],
-            ["KEY ID", "TENANT", "NAME", "STATE", "CREATED", "LAST USED"],
-        )
-    return 0
-
-
-@_with_runtime
-def cmd_keys_show(args: argparse.Namespace, rt: Runtime) -> int:
-    data = _key_json(rt.keys.get_key(args.key_id), rt.clock.now())
-    if args.json:
-        _print_json(data)
-    else:
-        for label, value in data.items():
-            print(f"{label + ':':14} {'-' if value is None else value}")
-    return 0
-
-
-def _warn_if_secret(rt: Runtime, ref: str) -> None:
-    if rt.keys.resolver.format.well_shaped(ref):
-        print(
-            "note: you passed the secret key itself, not its key id; it is not shown, but "
-            "it may now be in your shell history",
-            file=sys.stderr,
-        )
-
-
-@_with_runtime
-def cmd_keys_revoke(args: argparse.Namespace, rt: Runtime) -> int:
-    key = rt.keys.revoke_key(args.key_id)
-    _warn_if_secret(rt, args.key_id)
-    if args.json:
-        _print_json(_key_json(key, rt.clock.now()))
-    else:
-        print(
-            f"revoked API key {key.key_id} (tenant {key.tenant_id}); "
-            "running servers refuse it within a second"
-        )
-    return 0
-
-
-@_with_runtime
-def cmd_keys_rotate(args: argparse.Namespace, rt: Runtime) -> int:
-    grace = parse_duration(args.grace, "--grace")
-    old_id = rt.keys.key_id_of(args.key_id)
-    key_id, full_key = rt.keys.rotate_key(old_id, grace)
-    _warn_if_secret(rt, args.key_id)
-    if not args.json:
-        print(f"old key {old_id} keeps working until {_when(rt.clock.now() + grace)}")
-    _print_new_key(args, rt, key_id, full_key, "rotated to")
-    return 0
 
 
 # ---------------------------------------------------------------- policy
@@ -280,7 +122,7 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
 
     policy = load_policy(Path(args.file))
     if args.json:
-        _print_json(
+        print_json(
             {
                 "ok": True,
                 "file": args.file,
@@ -316,7 +158,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from extauthz import cli_records, runner, stack
+    from extauthz import cli_audit, cli_keys, cli_records, runner, stack
 
     parser = _Parser(prog="extauthz", description="External authorization sidecar for Envoy.")
     parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
@@ -367,24 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = add(policy, "check", cmd_policy_check, "validate a policy file without starting anything")
     c.add_argument("file", help="e.g. config/policy.yaml")
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    c = add(keys, "create", cmd_keys_create, "create an API key (shown once)")
-    c.add_argument("tenant", help="tenant id or name")
-    c.add_argument("--name", default="default", help="a label for the key")
-    c.add_argument("--expires-in", metavar="DURATION", help="e.g. 90d, 12h (default: never)")
-    c = add(keys, "list", cmd_keys_list, "list API keys (never the keys themselves)")
-    c.add_argument("tenant", nargs="?", help="only this tenant's keys")
-    key_help = "the key id (key_...); the secret key itself is taken too, and never echoed"
-    add(keys, "show", cmd_keys_show, "show one key's record").add_argument("key_id", help=key_help)
-    add(keys, "revoke", cmd_keys_revoke, "revoke a key at once").add_argument(
-        "key_id", help=key_help
-    )
-    c = add(keys, "rotate", cmd_keys_rotate, "issue a new key; the old one ends after --grace")
-    c.add_argument("key_id", help=key_help)
-    c.add_argument("--grace", default="1h", metavar="DURATION", help="default 1h; 0 ends it now")
-    cli_records.add_commands(sub, add, _with_runtime)
+    cli_keys.add_commands(sub, add)
+    cli_records.add_commands(sub, add)
+    cli_audit.add_commands(sub, add)
     return parser
 
 

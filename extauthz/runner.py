@@ -11,11 +11,12 @@ import subprocess
 import sys
 from typing import Any
 
+from extauthz.addresses import parse_hostport
 from extauthz.app import Runtime
-from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError
 from extauthz.settings import MODES, Settings
-from extauthz.sidecar import Sidecar, StopSignals
+from extauthz.sidecar import Sidecar
+from extauthz.signals import StopSignals
 
 log = logging.getLogger("extauthz")
 

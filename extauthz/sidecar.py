@@ -1,26 +1,22 @@
-"""The running server: upkeep (cache refresh, policy reload, flushes, lease expiry),
-the Sidecar (Check over gRPC and/or HTTP, and the access-log receiver), and signal
-handling for a graceful stop (SIGTERM/SIGINT) and policy reload (SIGHUP).
+"""The running server: the Sidecar (Check over gRPC and/or HTTP, the access-log
+receiver, health and metrics), started and stopped in order. Its background work is in
+upkeep.py; the signals that stop it or reload its policy, in signals.py.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from collections.abc import Callable
-from types import FrameType
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
+from extauthz.addresses import parse_hostport
 from extauthz.app import Runtime
 from extauthz.audit import SECURITY_ALERT, sampled
-from extauthz.envoyconf import parse_hostport
 from extauthz.errors import ConfigError, ExtauthzError
 from extauthz.limits.base import Release
 from extauthz.limits.degraded import GuardedCounters
-from extauthz.limits.quota import quota_window
 from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
 from extauthz.transport.als import AccessLogReceiver
@@ -28,6 +24,7 @@ from extauthz.transport.grpc_authz import SERVICE as GRPC_SERVICE
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
 from extauthz.transport.http_authz import GREENLETS, INLINE, THREADS, HttpAuthzThread
 from extauthz.transport.ops import OpsServer
+from extauthz.upkeep import Upkeep
 from extauthz.usage import completed, incomplete
 from extauthz.webhooks import WebhookDispatcher
 
@@ -36,76 +33,6 @@ log = logging.getLogger("extauthz")
 
 def _nothing() -> None:
     pass
-
-
-class Upkeep(threading.Thread):
-    """Polls the store's revision (so revocations from other processes land within
-    ``revocation_poll``) and the policy file; writes last-used times, daily counts and
-    audit events in batches; expires overdue concurrency leases."""
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        watcher: PolicyWatcher | None = None,
-        webhooks: WebhookDispatcher | None = None,
-    ) -> None:
-        super().__init__(name="extauthz-upkeep", daemon=True)
-        self.runtime = runtime
-        self.watcher = watcher
-        self.webhooks = webhooks
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        settings = self.runtime.settings
-        clock = self.runtime.clock
-        next_touch = clock.monotonic() + settings.last_used_flush
-        next_flush = clock.monotonic() + settings.flush_interval
-        while not self.stopping.wait(min(settings.revocation_poll, settings.flush_interval)):
-            self._step("store changes", self.runtime.resolver.refresh)
-            if self.watcher is not None:
-                self._step("policy reload", self.watcher.poll)
-            if self.webhooks is not None:
-                self._step("webhooks", self.webhooks.poll)
-            if clock.monotonic() >= next_flush:
-                next_flush = clock.monotonic() + settings.flush_interval
-                self._step("counters", self._expire_leases)
-                if self.runtime.journal is not None:
-                    self._step("daily counts", self.runtime.journal.flush)
-            if clock.monotonic() >= next_touch:
-                next_touch = clock.monotonic() + settings.last_used_flush
-                self._step("last-used times", self.runtime.resolver.flush_last_used)
-
-    def _step(self, what: str, step: Callable[[], object]) -> None:
-        try:
-            step()
-        except ExtauthzError as exc:
-            log.warning("upkeep: %s failed: %s", what, exc)
-        except Exception:
-            # Keep polling: a dead upkeep thread would silently stop revocations.
-            log.exception("upkeep: %s failed unexpectedly", what)
-
-    def _expire_leases(self) -> None:
-        """Free overdue slots, and bill their requests (never reported by the access
-        log) as incomplete: straight to the store, whatever their number."""
-        counters = self.runtime.counters
-        counters.maintain(self._days())
-        expired = counters.drain_expired()
-        if expired:
-            self.runtime.usage.add_now([incomplete(settled) for settled in expired])
-
-    def _days(self) -> frozenset[str]:
-        """Today and yesterday in the policy's zone: counts of older days are dropped."""
-        now = self.runtime.clock.now()
-        zone = self.runtime.policy.timezone
-        return frozenset(quota_window(t, zone)[0] for t in (now, now - 86_400))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join()
-        try:
-            self.runtime.resolver.flush_last_used()
-        except ExtauthzError as exc:
-            log.warning("could not write last-used times on stop: %s", exc)
 
 
 def http_waits(runtime: Runtime) -> str:
@@ -362,42 +289,3 @@ class Sidecar:
         if self.ops is not None:
             self.ops.stop()
         log.info("stopped")
-
-
-class StopSignals:
-    """Catches SIGTERM and SIGINT from the moment it is created, so a signal that arrives
-    while the server is still starting is not lost (nor kills it without a graceful
-    stop): ``wait()`` then returns as soon as it is called."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self.received: list[str] = []
-        self.on_reload: Callable[[], None] | None = None  # SIGHUP
-        self._previous = {
-            sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
-
-    def _hangup(self, signum: int, frame: FrameType | None) -> None:
-        if self.on_reload is None:
-            self._handler(signum, frame)  # nothing to reload: a hang-up stops, as before
-        else:
-            self.on_reload()
-
-    def _handler(self, signum: int, _frame: FrameType | None) -> None:
-        self.received.append(signal.Signals(signum).name)
-        self._stop.set()
-
-    def wait(self, alive: Callable[[], bool] | None = None) -> str:
-        """Block until a signal, or until ``alive()`` turns False; returns the cause."""
-        while not self._stop.wait(0.2):
-            if alive is not None and not alive():
-                return "exited"
-        return self.received[0]
-
-    def __enter__(self) -> StopSignals:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for sig, old in self._previous.items():
-            signal.signal(sig, old)

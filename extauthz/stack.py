@@ -12,15 +12,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from extauthz.addresses import hostport, parse_hostport
 from extauthz.app import Runtime
 from extauthz.demo import EchoBackend
-from extauthz.envoyconf import hostport, parse_hostport, render, to_yaml
+from extauthz.envoyconf import render, to_yaml
 from extauthz.errors import ConfigError
 from extauthz.launcher import EnvoyError, EnvoyProcess
 from extauthz.policy import Policy, load_policy
 from extauthz.runner import address_flags
 from extauthz.settings import Settings
-from extauthz.sidecar import Sidecar, StopSignals
+from extauthz.sidecar import Sidecar
+from extauthz.signals import StopSignals
 
 log = logging.getLogger("extauthz")
 ANY_PORT = "127.0.0.1:0"

@@ -21,19 +21,25 @@ from tests.unit.test_http_transport import exchange, request
 pytestmark = pytest.mark.redis
 
 
+def redis_behind(port: int, data_dir: Path) -> tuple[Runtime, str]:
+    """A runtime whose counters are the Redis behind the fault proxy on ``port``, with a
+    key prefix of its own, and a key of a STARTER tenant."""
+    runtime = Runtime.open(
+        Settings(
+            data_dir=data_dir,
+            counters_url=f"redis://127.0.0.1:{port}/0",
+            counters_timeout=1.0,
+            metrics_addr="off",
+        )
+    )
+    runtime.counters.shared.prefix = f"t{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+    tenant = runtime.tenants.create_tenant("acme", TenantTier.STARTER)
+    return runtime, runtime.keys.create_key(tenant.id)[1]
+
+
 def test_a_slow_redis_round_trip_does_not_stall_other_connections(tmp_path: Path) -> None:
     with fault_proxy(*redis_address()) as proxy:
-        runtime = Runtime.open(
-            Settings(
-                data_dir=tmp_path,
-                counters_url=f"redis://127.0.0.1:{proxy.port}/0",
-                counters_timeout=1.0,
-                metrics_addr="off",
-            )
-        )
-        runtime.counters.shared.prefix = f"t{uuid.uuid4().hex}"  # type: ignore[attr-defined]
-        tenant = runtime.tenants.create_tenant("acme", TenantTier.STARTER)
-        key = runtime.keys.create_key(tenant.id)[1]
+        runtime, key = redis_behind(proxy.port, tmp_path)
         server = HttpAuthzThread(runtime.authorizer(), waits=GREENLETS)
         port = server.start("127.0.0.1", 0)
         try:
@@ -70,17 +76,7 @@ def test_checks_past_the_waiting_limit_are_answered_overloaded_at_once(tmp_path:
     allowed to wait on it, 10 checks at once: 4 are decided when Redis answers, the
     other 6 get 429 `overloaded` with Retry-After immediately, never a 5xx."""
     with fault_proxy(*redis_address()) as proxy:
-        runtime = Runtime.open(
-            Settings(
-                data_dir=tmp_path,
-                counters_url=f"redis://127.0.0.1:{proxy.port}/0",
-                counters_timeout=1.0,
-                metrics_addr="off",
-            )
-        )
-        runtime.counters.shared.prefix = f"t{uuid.uuid4().hex}"  # type: ignore[attr-defined]
-        tenant = runtime.tenants.create_tenant("acme", TenantTier.STARTER)
-        key = runtime.keys.create_key(tenant.id)[1]
+        runtime, key = redis_behind(proxy.port, tmp_path)
         server = HttpAuthzThread(runtime.authorizer(), waits=GREENLETS, max_waiting=4)
         port = server.start("127.0.0.1", 0)
         replies: list[tuple[bytes, float]] = []

@@ -15,14 +15,13 @@ import pytest
 
 from extauthz.app import Runtime
 from extauthz.settings import Settings
-from extauthz.sidecar import Sidecar, Upkeep
+from extauthz.sidecar import Sidecar
+from extauthz.upkeep import Upkeep
 from tests.services import free_port
 
 
-def test_a_postgresql_nobody_answers_is_one_line_and_fast(tmp_path: Path) -> None:
-    """A refused PostgreSQL URL: exit 1 with a single `extauthz: error:` line naming
-    the address and libpq's reason, no pool warnings, well within 2 s."""
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+def tenants_list(url: str, data_dir: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`extauthz --database-url URL tenants list` in a fresh process, and its seconds."""
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "extauthz", "--database-url", url, "tenants", "list"],
@@ -30,9 +29,16 @@ def test_a_postgresql_nobody_answers_is_one_line_and_fast(tmp_path: Path) -> Non
         text=True,
         timeout=30,
         check=False,
-        env={"EXTAUTHZ_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        env={"EXTAUTHZ_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
     )
-    took = time.monotonic() - started
+    return result, time.monotonic() - started
+
+
+def test_a_postgresql_nobody_answers_is_one_line_and_fast(tmp_path: Path) -> None:
+    """A refused PostgreSQL URL: exit 1 with a single `extauthz: error:` line naming
+    the address and libpq's reason, no pool warnings, well within 2 s."""
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    result, took = tenants_list(url, tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"extauthz: error: cannot connect to PostgreSQL at {url}")
@@ -47,16 +53,7 @@ def test_a_silent_postgresql_gives_up_within_libpq_connect_timeout(tmp_path: Pat
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
-        started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "extauthz", "--database-url", url, "tenants", "list"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env={"EXTAUTHZ_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
-        )
-        took = time.monotonic() - started
+        result, took = tenants_list(url, tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert "timeout expired" in result.stderr
