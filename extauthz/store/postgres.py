@@ -35,9 +35,20 @@ from extauthz.model import APIKey, Tenant
 from extauthz.store.sql import LOOKUP, SQLStore
 
 log = logging.getLogger("extauthz.store")
-# The pool logs each failed connection attempt as a multi-line warning; we report what
-# failed ourselves, in one line (StoreError), where it matters.
-logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
+class _FirstLine(logging.Filter):
+    """The pool's warnings while the database is down, in one line each (libpq's own
+    text runs over several: the reason, then a hint)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "\n" in text:
+            record.msg, record.args = text.splitlines()[0], None
+        return True
+
+
+logging.getLogger("psycopg.pool").addFilter(_FirstLine())
 
 CHANNEL = "extauthz_changes"
 # Arbitrary constants naming our advisory locks (64-bit, database-wide).

@@ -106,3 +106,23 @@ def test_upkeep_names_the_counters_when_they_fail(
     runtime.close()
     assert "upkeep: counters failed: Redis counters failed: timed out" in caplog.text
     assert "store upkeep" not in caplog.text
+
+
+def test_the_pools_warnings_while_the_database_is_down_are_one_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While PostgreSQL is down the connection pool keeps saying so (an outage is never
+    silent), each time in one line instead of libpq's reason-and-hint paragraph."""
+    import extauthz.store.postgres  # noqa: F401 - installs the filter
+
+    pool_log = logging.getLogger("psycopg.pool")
+    with caplog.at_level(logging.WARNING, logger="psycopg.pool"):
+        pool_log.warning(
+            "error connecting in %r: %s",
+            "extauthz",
+            'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+            "Connection refused\n\tIs the server running on that host and accepting TCP/IP?",
+        )
+    (record,) = caplog.records
+    assert "\n" not in record.getMessage()
+    assert record.getMessage().endswith("Connection refused")
