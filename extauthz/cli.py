@@ -2,7 +2,8 @@
 cli_keys.py, `serve` in runner.py, `up`, `demo` and `envoy-config` in stack.py, the
 records' commands in cli_records.py and cli_audit.py.
 
-Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 conflict, 130 interrupted.
+Exit codes: 0 success, 1 error, 2 bad usage, 3 not found, 4 conflict, 130 interrupted,
+141 the reader of the output went away.
 """
 
 from __future__ import annotations
