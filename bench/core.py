@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -100,6 +101,7 @@ def measure(n: int = 20000) -> dict[str, float]:
     results["miss_unknown_median_us"] = statistics.median(samples["unknown"])
     results["miss_revoked_median_us"] = statistics.median(samples["revoked"])
     store.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
