@@ -1,9 +1,12 @@
 """Signals for a long-running command: SIGTERM and SIGINT stop it gracefully, SIGHUP
-reloads the policy."""
+reloads the policy, and SIGUSR1 prints every thread's stack to stderr (to see what a
+server that does not stop, or answer, is doing) and goes on."""
 
 from __future__ import annotations
 
+import faulthandler
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -22,6 +25,8 @@ class StopSignals:
             sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hangup)
+        # In C, from any state of the interpreter: works when Python threads are stuck.
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
         if self.on_reload is None:
@@ -46,3 +51,4 @@ class StopSignals:
     def __exit__(self, *_exc: object) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
+        faulthandler.unregister(signal.SIGUSR1)

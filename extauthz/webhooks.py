@@ -6,7 +6,8 @@ revocation from the CLI, are sent), from the log's head at start onwards. Delive
 never block a decision, and destinations never block each other:
 
 - each destination (URL) has its own bounded queue and at most one delivery in flight;
-  a small pool of worker threads serves whichever destination is due;
+  a small pool of worker threads (started as deliveries come, at most one per
+  destination with work) serves whichever destination is due;
 - a failed attempt (connection error, timeout, 5xx, 408, 429) is retried with
   exponential backoff; the destination waits out its backoff without holding a worker,
   so a dead receiver costs the others nothing but one worker for one timeout at a time;
@@ -108,6 +109,7 @@ class WebhookDispatcher:
         self._destinations: dict[str, Destination] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._started = False
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ following the log
@@ -160,6 +162,9 @@ class WebhookDispatcher:
                 return 0
             dest.waiting.append(delivery)
             self._cond.notify()
+            busy = sum(1 for d in self._destinations.values() if d.waiting)
+            if self._started and len(self._threads) < min(self.workers, busy):
+                self._spawn()  # workers come with work: none while no tenant has a hook
         return 1
 
     def pending(self, url: str) -> int:
@@ -258,10 +263,18 @@ class WebhookDispatcher:
             self._finish(dest, outcome, retry_after)
 
     def start(self) -> None:
-        for i in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"extauthz-webhooks-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        with self._cond:
+            self._started = True
+            busy = sum(1 for d in self._destinations.values() if d.waiting)
+            while len(self._threads) < min(self.workers, busy):
+                self._spawn()
+
+    def _spawn(self) -> None:
+        """One more worker (the caller holds ``_cond``)."""
+        name = f"extauthz-webhooks-{len(self._threads)}"
+        thread = threading.Thread(target=self._work, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop; deliveries still waiting are not sent (the next start follows the log
@@ -270,9 +283,10 @@ class WebhookDispatcher:
             self._stopping = True
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        with self._cond:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._threads.clear()
 
 
 def _seconds(value: str | None) -> float | None:

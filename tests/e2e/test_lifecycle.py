@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,24 +111,35 @@ def test_sigterm_stops_serve_cleanly(tmp_path: Path, mode: str) -> None:
 @contextmanager
 def launched(env: dict[str, str], *args: str) -> Iterator[tuple[subprocess.Popen[str], dict]]:  # type: ignore[type-arg]
     """`extauthz up|demo ... --json` running: the process and its ready line; stopped
-    with Ctrl-C (SIGINT) afterwards, which must exit 0."""
-    proc = subprocess.Popen(
-        extauthz_cmd(*args, "--envoy-concurrency", "1", "--json"),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    with Ctrl-C (SIGINT) afterwards, which must exit 0 within 30 s (if it does not, its
+    threads' stacks, from SIGUSR1, are in the failure)."""
+    log = Path(env["EXTAUTHZ_DATA_DIR"]) / f"{args[0]}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            extauthz_cmd(*args, "--envoy-concurrency", "1", "--json"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line, f"{args[0]} did not start"
+        assert line, f"{args[0]} did not start: {log.read_text()[-3000:]}"
         yield proc, json.loads(line)
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(30)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{args[0]} did not stop within 30 s:\n{log.read_text()[-6000:]}")
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
     assert code == 0
 
 
