@@ -74,29 +74,35 @@ class BatchWriter(Generic[T]):
         return self._overflow([item], "queue full")
 
     def _overflow(self, items: Sequence[T], why: str) -> bool:
-        if self.spill is not None:
-            try:
-                self.spill.add(items)
-            except OSError as exc:
-                log.error("%s: cannot keep records on disk: %s", self.name, exc)
-            else:
-                self.spilled += len(items)
-                if self._say():
-                    log.warning(
-                        "%s: %s; %d records kept on disk so far (%s), written when the "
-                        "store catches up",
-                        self.name,
-                        why,
-                        self.spilled,
-                        self.spill.path,
-                    )
-                return True
+        """Spill ``items``, or (no disk) count them dropped and say so."""
+        if self._spill(items, why):
+            return True
         self.dropped += len(items)
         if self._say():
             log.error(
                 "%s: %s and nowhere to keep them: %d dropped so far", self.name, why, self.dropped
             )
         return False
+
+    def _spill(self, items: Sequence[T], why: str) -> bool:
+        """Keep ``items`` on disk; False when there is no spill or the disk refuses."""
+        if self.spill is None:
+            return False
+        try:
+            self.spill.add(items)
+        except OSError as exc:
+            log.error("%s: cannot keep records on disk: %s", self.name, exc)
+            return False
+        self.spilled += len(items)
+        if self._say():
+            log.warning(
+                "%s: %s; %d records kept on disk so far (%s), written when the store catches up",
+                self.name,
+                why,
+                self.spilled,
+                self.spill.path,
+            )
+        return True
 
     def _say(self) -> bool:
         """Whether to log an overflow now: the first, then at most one every 10 s."""
@@ -118,7 +124,7 @@ class BatchWriter(Generic[T]):
             except ExtauthzError as exc:
                 rest = items[start:]
                 log.warning("%s: store refused %d records: %s", self.name, len(rest), exc)
-                if self.spill is None or not self._overflow(rest, "store unavailable"):
+                if not self._spill(rest, "store unavailable"):
                     with self._lock:
                         self._queue.extend(rest)
                 return
@@ -185,9 +191,7 @@ class BatchWriter(Generic[T]):
         except ExtauthzError as exc:
             with self._lock:
                 left, self._queue = list(self._queue), deque()
-            if left and (
-                self.spill is None or not self._overflow(left, f"store unavailable at stop ({exc})")
-            ):
+            if left and not self._spill(left, f"store unavailable at stop ({exc})"):
                 with self._lock:
                     self._queue.extendleft(reversed(left))
                 raise

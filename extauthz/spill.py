@@ -50,6 +50,7 @@ class Spill(Generic[T]):
         # One file per process (``owner``: its pid unless a test names another).
         self.path = directory / f"{name}-{owner or os.getpid()}.jsonl"
         self._file: Any = None  # ours, opened (and locked) on the first add
+        self._empty = True  # ours holds nothing yet: the next add writes the header first
         self._lock = threading.Lock()
         self.pending = 0  # records added and not yet written, in files we hold
 
@@ -62,8 +63,10 @@ class Spill(Generic[T]):
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._file = self.path.open("a", encoding="utf-8")
                 fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if self._file.tell() == 0:
+            if self._empty:
+                # Tracked, not asked of the file: a text file's tell() flushes its buffer.
                 self._file.write(self._header)
+                self._empty = False
             # Left in the file object's buffer (written by the next replay, close, or
             # when it fills): a syscall per record cost more than the encoding.
             self._file.write(lines)
@@ -116,12 +119,15 @@ class Spill(Generic[T]):
                     with self._lock:
                         self.pending = max(0, self.pending - lines)
         with self._lock:
+            if path == self.path and self._file is not None:
+                self._file.flush()  # appends made meanwhile, so the size below counts them
             # Appends made meanwhile are past the offset: only a fully written file goes.
             if path.stat().st_size == offset:
                 if path != self.path:
                     path.unlink(missing_ok=True)
                 elif self._file is not None:
                     self._file.truncate(0)
+                    self._empty = True
                 mark.unlink(missing_ok=True)
         if written and path != self.path:
             log.info("%s: wrote %d records an ended process kept in %s", self.name, written, path)

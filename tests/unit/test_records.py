@@ -193,3 +193,22 @@ def test_a_spill_file_is_read_by_field_name_whatever_version_wrote_it(tmp_path: 
     assert reader.replay(got.extend, 10) == 2
     assert got == [Pair(1, "x"), Pair(2, "y")]
     assert not (directory / "usage-old.jsonl").exists()
+
+
+def test_spilling_after_a_replay_keeps_every_record(tmp_path: Path) -> None:
+    """Spill, replay (the file is emptied), spill again, with an append between the
+    replay's last batch and its end: a second replay still reads every record."""
+    store = FlakyStore()
+    kept = spill(tmp_path, owner="own")
+    kept.add(rows(range(5)))
+
+    def write_and_append(items: Sequence[Row]) -> None:
+        store.write(items)
+        if len(store.rows) == 5:
+            kept.add(rows([5]))  # arrives while the replay runs, still in the buffer
+
+    assert kept.replay(write_and_append, 100) == 5
+    kept.add(rows(range(6, 9)))
+    assert kept.replay(store.write, 100) == 4
+    kept.close()
+    assert sorted(store.rows) == list(range(9))
