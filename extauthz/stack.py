@@ -60,10 +60,11 @@ def _up(
         addresses["als_addr"],
         addresses["metrics_addr"],
     )
+    authz = (_loopback(addresses[f"{mode}_addr"]), ports[f"{mode}_port"])
     config = render(
         listen=listen,
         upstream=upstream,
-        authz=[(_loopback(addresses[f"{mode}_addr"]), ports[f"{mode}_port"])],
+        authz=[authz],
         admin=admin,
         timeout=args.authz_timeout,
         mode=mode,
@@ -71,7 +72,7 @@ def _up(
         **policy_options(runtime.settings, runtime.policy),
     )
     ready.update(mode=mode, **ports)
-    ready["authz"] = hostport(_loopback(addresses[f"{mode}_addr"]), ports[f"{mode}_port"])
+    ready["authz"] = hostport(*authz)
     if "metrics_port" in ports:
         ready["metrics"] = hostport(_loopback(addresses["metrics_addr"]), ports["metrics_port"])
     try:
