@@ -23,7 +23,8 @@ def redis_counters(clock: ManualClock) -> Counters:
     from extauthz.limits.redis import RedisCounters
 
     prefix = f"t{uuid.uuid4().hex}"
-    return RedisCounters(redis_url(), lease_ttl=30.0, prefix=prefix, clock=clock)
+    # 2 s, not the 50 ms default: these tests are about counting, not timeouts.
+    return RedisCounters(redis_url(), lease_ttl=30.0, prefix=prefix, clock=clock, timeout=2.0)
 
 
 BACKENDS: dict[str, Callable[[ManualClock], Counters]] = {

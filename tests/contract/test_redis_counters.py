@@ -30,7 +30,9 @@ TEN_SLOTS = Limits(1000, 1000, 10, RateLimit(60000, 1000), 0.0)
 
 @pytest.fixture
 def counters(clock: ManualClock) -> Iterator[RedisCounters]:
-    c = RedisCounters(redis_url(), lease_ttl=30.0, prefix=f"t{uuid.uuid4().hex}", clock=clock)
+    c = RedisCounters(
+        redis_url(), lease_ttl=30.0, prefix=f"t{uuid.uuid4().hex}", clock=clock, timeout=2.0
+    )
     yield c
     for key in c.redis.scan_iter(f"{c.prefix}:*"):
         c.redis.delete(key)
@@ -194,7 +196,7 @@ def test_both_clients_select_the_url_database(
     """redis://host/3 writes to database 3, like redis-py, from a thread's own
     connection and from the loop's."""
     prefix = f"t{uuid.uuid4().hex}"
-    counters = RedisCounters(redis_url(3), prefix=prefix, clock=clock)
+    counters = RedisCounters(redis_url(3), prefix=prefix, clock=clock, timeout=2.0)
     try:
         assert on(where, loop_checks, lambda: counters.acquire(ask("a"))).allowed
         assert counters.redis.exists(f"{prefix}:{{t1}}:leases")
@@ -220,6 +222,7 @@ def test_both_clients_authenticate_and_a_wrong_password_is_a_store_error(
             redis_url().replace("redis://", f"redis://{user}:{secret}@"),
             prefix=f"t{user}",
             clock=clock,
+            timeout=2.0,
         )
         bad = RedisCounters(
             redis_url().replace("redis://", f"redis://{user}:wrong-{secret}@"),

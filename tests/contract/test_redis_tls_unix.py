@@ -24,6 +24,9 @@ from tests.redis_servers import tls_redis, unix_redis
 
 pytestmark = pytest.mark.redis
 TEN_SLOTS = Limits(1000, 1000, 10, RateLimit(60000, 1000), 0.0)
+# Tests not about timeouts: the 50 ms default failed a first connect plus 32 scripts
+# queued on one loop connection on a loaded CI host.
+ROOMY_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def test_tls_and_unix_socket_urls_use_both_clients_and_stay_exact(
         if scheme == "rediss"
         else f"unix://{unix}?db=2"
     )
-    counters = RedisCounters(url, prefix=f"t{uuid.uuid4().hex}")
+    counters = RedisCounters(url, prefix=f"t{uuid.uuid4().hex}", timeout=ROOMY_TIMEOUT)
     try:
         assert isinstance(counters._checks, ThreadConnections)
         wins = at_once(32, lambda i: counters.acquire(Ask("a", "k", f"a{i}", TEN_SLOTS, "d")))
@@ -165,6 +168,7 @@ def test_tls_options_the_clients_do_not_handle_keep_redis_py(tls: tuple[int, str
         f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
         "&ssl_include_verify_flags=VERIFY_X509_PARTIAL_CHAIN",
         prefix=f"t{uuid.uuid4().hex}",
+        timeout=ROOMY_TIMEOUT,
     )
     try:
         assert isinstance(counters._checks, ScriptPipeline)
