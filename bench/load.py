@@ -159,6 +159,42 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of ``pid``: its name (extauthz names its own, extauthz/threadnames.py)
+    and its user + system CPU so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+# Thread names grouped for the bench's CPU split: the access-log stream, the usage and
+# audit writers, and everything else (checks, grpcio's own threads, the event loop).
+THREAD_GROUPS = {"extauthz-als": "als", "extauthz-usage": "writers", "extauthz-audit": "writers"}
+
+
+def cpu_by_group(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds spent between two :func:`thread_cpu` readings, per group."""
+    groups = {"als": 0.0, "writers": 0.0, "checks": 0.0}
+    for tid, (name, seconds) in after.items():
+        spent = seconds - before.get(tid, (name, 0.0))[1]
+        groups[THREAD_GROUPS.get(name, "checks")] += spent
+    return groups
+
+
 def context_switches(pid: int) -> int:
     """Voluntary context switches of every thread of ``pid`` and its descendants: each
     is a thread going to sleep (on I/O, a lock or the GIL) and being woken again, which

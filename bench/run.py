@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import core
+from bench.floors import nginx_path
 from bench.load import (
     check_request,
     context_switches,
+    cpu_by_group,
     cpu_seconds,
     grpc_frame,
     h2load_grpc,
     require_tools,
+    thread_cpu,
     wrk,
 )
 from bench.setups import (
@@ -41,6 +44,7 @@ from extauthz.app import Runtime
 from extauthz.settings import load_settings
 
 RATE_CONNECTIONS, RATE_DELAY_MS = 4, 4.0  # about 1,000 req/s
+FLOOR_OF = {"C": "FG", "D": "FH"}
 
 
 def bench_key(env: dict[str, str]) -> str:
@@ -57,34 +61,42 @@ def measure(
     setup: str, workdir: Path, env: dict[str, str], key: str, seconds: float
 ) -> dict[str, Any]:
     running = Running(setup, workdir, env, key)
+    pid = running.authorizer_pid
+    sidecar = running.sidecar is not None
     try:
         headers = {"x-api-key": key}
         wrk(running.url, 1, headers)  # warm-up: connections, caches
         uses_redis = bool(backends(setup))
-        before = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
-        switches = context_switches(running.sidecar.pid) if running.sidecar else 0
+        before = cpu_seconds(pid) if pid else 0.0
+        threads = thread_cpu(pid) if sidecar and pid else {}
+        switches = context_switches(pid) if pid else 0
         redis_before = redis_cpu_seconds() if uses_redis else 0.0
         peak = wrk(running.url, seconds, headers)
-        after = cpu_seconds(running.sidecar.pid) if running.sidecar else 0.0
-        if running.sidecar:
-            switches = context_switches(running.sidecar.pid) - switches
+        after = cpu_seconds(pid) if pid else 0.0
+        groups = cpu_by_group(threads, thread_cpu(pid)) if sidecar and pid else {}
+        if pid:
+            switches = context_switches(pid) - switches
         redis_after = redis_cpu_seconds() if uses_redis else 0.0
         fixed = wrk(running.url, max(2.0, seconds / 2), headers, RATE_CONNECTIONS, RATE_DELAY_MS)
         single = wrk(running.url, max(2.0, seconds / 3), headers, connections=1)
         backend = wrk(f"http://127.0.0.1:{running.backend_port}/", max(1.0, seconds / 3), {})
     finally:
         running.stop()
+    per_request = 1e6 / max(peak.requests, 1)
     return {
         "rps": peak.rps,
         "p50_ms": peak.p50_ms,
         "p99_ms": peak.p99_ms,
         "bad": peak.bad,
         "requests": peak.requests,
-        "cpu_us_per_check": (after - before) / peak.requests * 1e6 if running.sidecar else None,
-        "switches_per_check": switches / peak.requests if running.sidecar else None,
-        "redis_us_per_check": (
-            (redis_after - redis_before) / peak.requests * 1e6 if uses_redis else None
-        ),
+        "cpu_us_per_check": (after - before) * per_request if pid else None,
+        # The sidecar's CPU per request split by thread: the access-log entry (one per
+        # request), the usage/audit writers, and the check with everything else.
+        "als_us_per_entry": groups["als"] * per_request if groups else None,
+        "writers_us_per_request": groups["writers"] * per_request if groups else None,
+        "checks_us_per_request": groups["checks"] * per_request if groups else None,
+        "switches_per_check": switches / peak.requests if pid else None,
+        "redis_us_per_check": ((redis_after - redis_before) * per_request if uses_redis else None),
         "fixed_rps": fixed.rps,
         "fixed_p50_ms": fixed.p50_ms,
         "fixed_p99_ms": fixed.p99_ms,
@@ -147,6 +159,14 @@ def summarize(
             else None
         )
         med["bad_total"] = sum(r["bad"] + r["fixed_bad"] + r["single_bad"] for r in runs)
+        # C and D (and their variants) as a share of their transport's floor, round by round.
+        floor = FLOOR_OF.get(setup[0])
+        if floor in chosen and setup not in FLOOR_OF.values():
+            med["floor"] = floor
+            med["vs_floor"] = statistics.median(r[setup]["rps"] / r[floor]["rps"] for r in rounds)
+            med["cpu_vs_floor"] = statistics.median(
+                r[setup]["cpu_us_per_check"] / r[floor]["cpu_us_per_check"] for r in rounds
+            )
         summary[setup] = med
     base = summary["A"]
     for s in summary.values():
@@ -189,6 +209,26 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
         for setup, s in shared:
             vs = f"{s['vs_memory']:.2f}x {setup[0]}" if s["vs_memory"] is not None else "-"
             print(f"  {setup + ' ' + SETUPS[setup]:40} {vs:>9}  {s['redis_us_per_check']:5.0f} us")
+    floored = [(k, s) for k, s in summary.items() if s.get("vs_floor") is not None]
+    if floored:
+        print("\nagainst the transport floor (same round, medians): req/s share and sidecar CPU")
+        for setup, s in floored:
+            floor = summary[s["floor"]]
+            print(
+                f"  {setup + ' ' + SETUPS[setup]:40} {s['vs_floor']:5.2f} of {s['floor']} req/s, "
+                f"CPU {s['cpu_us_per_check']:.0f} us = {s['cpu_vs_floor']:.2f}x "
+                f"{s['floor']}'s {floor['cpu_us_per_check']:.0f} us"
+            )
+    split = [(k, s) for k, s in summary.items() if s.get("als_us_per_entry") is not None]
+    if split:
+        print("\nsidecar CPU per request by thread (us): checks + access log + writers")
+        for setup, s in split:
+            print(
+                f"  {setup + ' ' + SETUPS[setup]:40} {s['checks_us_per_request']:5.0f} + "
+                f"{s['als_us_per_entry']:5.0f} + {s['writers_us_per_request']:5.0f}"
+            )
+    for note in meta.get("notes", []):
+        print(f"note: {note}")
     spread = meta.get("a_spread")
     if spread and spread[1] > 1.2 * spread[0]:
         print(
@@ -204,7 +244,7 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per setup")
@@ -215,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--setups",
-        default="A,B,C,D",
+        default="A,B,FG,FH,C,D",
         help=f"comma-separated, from {','.join(SETUPS)} (A always runs: it is the baseline)",
     )
     parser.add_argument("--output", help="JSON results file (default bench/results/<time>.json)")
@@ -226,11 +266,27 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=VALUE",
         help="a setting for the sidecar, e.g. EXTAUTHZ_TRACE_EXPORTER=console; repeatable",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser()
     args = parser.parse_args(argv)
     require_tools()
     if args.quick:
         args.rounds, args.seconds = 1, 2.0
-    chosen = ["A"] + [s for s in args.setups.upper().split(",") if s in SETUPS and s != "A"]
+    asked = [s.strip() for s in args.setups.upper().split(",") if s.strip()]
+    unknown = [s for s in asked if s not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setups {', '.join(unknown)} (known: {', '.join(SETUPS)})")
+    chosen = ["A"] + [s for s in dict.fromkeys(asked) if s != "A"]
+    notes = []
+    if "FH" in chosen and nginx_path() is None:
+        chosen.remove("FH")
+        notes.append(
+            "FH (the HTTP floor) skipped: nginx is not installed "
+            "(sudo apt-get install -y nginx-light)"
+        )
     with tempfile.TemporaryDirectory(prefix="extauthz-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         env = bench_env(workdir / "data")
@@ -267,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         "a_spread": [min(r["A"]["rps"] for r in rounds), max(r["A"]["rps"] for r in rounds)],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sidecar_env": args.sidecar_env,
+        "notes": notes,
     }
     print_table(summary, meta)
     for mode, d in alone.items():

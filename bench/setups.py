@@ -4,6 +4,8 @@ A  Envoy -> backend, no auth (the baseline every ratio is taken against)
 B  Envoy's in-process api_key_auth + local_ratelimit -> backend (the built-in alternative)
 C  Envoy + extauthz over gRPC -> backend
 D  Envoy + extauthz over the HTTP service -> backend
+FG, FH  the transport floors: Envoy ext_authz to an authorizer that only answers OK
+    (a bare grpcio handler; nginx `return 200`), bench/floors.py
 CR, DR  the same with counters in Redis (the store stays SQLite): Redis against memory
 CRP, DRP  Redis counters and a PostgreSQL store (everything replicas share)
 
@@ -23,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.floors import Floor, GrpcFloor, NginxFloor
 from extauthz.envoyconf import ROUTER, render
 from extauthz.launcher import EnvoyProcess
 
@@ -33,6 +36,8 @@ SETUPS = {
     "B": "Envoy api_key_auth + local_ratelimit",
     "C": "Envoy + extauthz gRPC",
     "D": "Envoy + extauthz HTTP service",
+    "FG": "floor: ext_authz gRPC -> bare grpcio",
+    "FH": "floor: ext_authz HTTP -> nginx 200",
     # Optional: the same with `serve --workers 2`, two endpoints in Envoy's cluster.
     "C2": "Envoy + extauthz gRPC, 2 workers",
     "D2": "Envoy + extauthz HTTP, 2 workers",
@@ -97,7 +102,7 @@ def _builtin_filters(key: str) -> list[dict[str, Any]]:
 def front_config(
     setup: str, backend_port: int, authz_port: int, key: str, als_port: int = 0
 ) -> dict[str, Any]:
-    mode = "http" if setup == "D" else "grpc"
+    mode = "http" if setup in ("D", "FH") else "grpc"
     config = render(
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", backend_port),
@@ -172,16 +177,22 @@ class Running:
 
     def __init__(self, setup: str, workdir: Path, env: dict[str, str], key: str) -> None:
         self.setup = setup
-        base, workers = setup[0], int(setup[1:].rstrip("RP") or 1)
+        floor = setup in ("FG", "FH")
+        base, workers = setup[0], 1 if floor else int(setup[1:].rstrip("RP") or 1)
         self.backend = EnvoyProcess(backend_config(), workdir / "backend", concurrency=1)
         self.sidecar: Sidecar | None = None
+        self.floor: Floor | None = None
         self.front: EnvoyProcess | None = None
         self.backend.start()
         try:
             self.backend_port = self.backend.listener_port()
             authz_ports: list[int] = []
             als_port = 0
-            if base in ("C", "D"):
+            if floor:
+                self.floor = GrpcFloor(workdir) if setup == "FG" else NginxFloor(workdir)
+                authz_ports = [self.floor.port]
+                base = setup
+            elif base in ("C", "D"):
                 self.sidecar = Sidecar("grpc" if base == "C" else "http", env, workdir, workers)
                 authz_ports = self.sidecar.ports
                 als_port = self.sidecar.als_port
@@ -206,9 +217,16 @@ class Running:
             raise
 
     def stop(self) -> None:
-        for proc in (self.front, self.sidecar, self.backend):
+        for proc in (self.front, self.sidecar, self.floor, self.backend):
             if proc is not None:
                 proc.stop()
+
+    @property
+    def authorizer_pid(self) -> int | None:
+        """The process whose CPU per request the bench reports (sidecar or floor)."""
+        if self.sidecar is not None:
+            return self.sidecar.pid
+        return self.floor.pid if self.floor is not None else None
 
 
 BENCH_TENANT = "t_bench"

@@ -121,6 +121,8 @@ class Runtime:
         policy = Policy()
         if settings.policy_file is not None:
             policy = load_policy(settings.policy_file)
+            for notice in policy.notices:
+                log.warning("policy: %s", notice)
         # Before the store opens: a bad exporter setting must not leave it open.
         provider = make_provider(settings.trace_exporter, settings.trace_sample_ratio)
         # On first use this creates the pepper: the embedded default needs no setup step.

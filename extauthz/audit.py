@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extauthz.auditchain import Anchor, Problem
 from extauthz.clock import SYSTEM_CLOCK, Clock
@@ -22,6 +24,9 @@ from extauthz.model import AuditEvent
 from extauthz.records import BatchWriter
 from extauthz.spill import Spill
 from extauthz.store.base import Store
+
+if TYPE_CHECKING:
+    from extauthz.limits.base import Settlement
 
 log = logging.getLogger("extauthz.audit")
 
@@ -114,6 +119,30 @@ class AuditLogger:
 
     def event(self, action: str, outcome: str, **fields: object) -> bool:
         return self.log(make_event(self.clock, action, outcome, **fields))
+
+    def log_incomplete(self, ended: Sequence[Settlement], share: float, version: str) -> None:
+        """The audited share of allowed requests whose access-log entry never came (lease
+        expired, or open at a stop): one API_REQUEST event each, outcome ``incomplete``,
+        written like the product's own usage records (never dropped; records.py). With
+        ``blocking`` their event was written at the check."""
+        if not share or self.blocking:
+            return
+        events = [
+            make_event(
+                self.clock,
+                API_REQUEST,
+                "incomplete",
+                tenant_id=s.tenant_id,
+                key_id=s.key_id,
+                request_id=s.request_id[:128],
+                policy_version=version,
+                detail={"route": s.route, "method": s.method, "check": "allowed", "status": 0},
+            )
+            for s in ended
+            if sampled(share)
+        ]
+        if events:
+            self.writer.write_now(events)
 
     def flush(self) -> int:
         return self.writer.flush()

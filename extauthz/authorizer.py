@@ -137,14 +137,16 @@ class Authorizer:
         return decision
 
     def _audited(self, request: CheckInput, decision: Decision, policy: Policy) -> Decision:
-        """Audit the outcome: every refused credential (and brute-force alerts), and a
-        sampled share of allowed requests. Limit denials are audited by the gate."""
+        """Audit the outcome: every refused credential (and brute-force alerts). Limit
+        denials are audited by the gate; allowed requests (policy ``audit.allowed``) when
+        Envoy reports them finished, or here with ``audit_blocking``, where "no audit, no
+        allow" needs the event written before the answer."""
         audit = self.audit
         if audit is None:
             return decision
         principal = decision.principal
         if decision.allowed:
-            if sampled(policy.audit.sample_allowed):
+            if audit.blocking and sampled(policy.audit.allowed):
                 ok = audit.event(
                     AUTH_SUCCESS,
                     "success",
@@ -155,7 +157,7 @@ class Authorizer:
                     source=request.source_address[:64],
                     policy_version=policy.version,
                 )
-                if not ok and audit.blocking:
+                if not ok:
                     return self.denials["audit_unavailable"]
             return decision
         if decision.status not in (401, 403):

@@ -133,9 +133,13 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
                 "tenants": policy.tenants and {k: dict(v) for k, v in policy.tenants.items()},
                 "routes": [dataclasses.asdict(r) for r in policy.routes],
                 "tokens": dataclasses.asdict(policy.tokens),
+                "audit": {"allowed": policy.audit.allowed},
+                "warnings": list(policy.notices),
             }
         )
         return 0
+    for notice in policy.notices:
+        print(f"warning: {notice}", file=sys.stderr)
     sources = [f"header {policy.tokens.header}"] if policy.tokens.header else []
     if policy.tokens.body_field:
         sources.append(f"body field {policy.tokens.body_field}")
@@ -145,6 +149,9 @@ def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
         f"{len(policy.routes)} route rules, time zone {policy.timezone}"
     )
     print(f"  token counts from: {', '.join(sources) or 'nowhere'}")
+    allowed = policy.audit.allowed
+    audited = "none" if allowed == 0 else "all" if allowed == 1 else f"{allowed:.0%}"
+    print(f"  allowed requests audited: {audited} (denials and admin changes: all)")
     return 0
 
 

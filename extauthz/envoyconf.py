@@ -33,8 +33,10 @@ def _cluster(
     name: str,
     endpoints: list[tuple[str, int]],
     http2: bool,
+    *,
     health: dict[str, Any] | None = None,
     burst: bool = False,
+    trailers: bool = False,
 ) -> dict[str, Any]:
     is_ip = True
     for host, _ in endpoints:
@@ -87,6 +89,13 @@ def _cluster(
                     "max_requests": 100_000,
                 }
             ]
+        }
+    if trailers:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}},
+            }
         }
     if http2:
         # Without HTTP/2 a gRPC cluster passes `envoy --mode validate` but every check
@@ -244,6 +253,9 @@ def render(
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+        # HTTP/1 drops trailers unless asked: a streaming upstream's token counts come
+        # as trailers, for the client and for the access log (below, and on the cluster).
+        "http_protocol_options": {"enable_trailers": True},
         **({"access_log": [_access_log(usage_headers)]} if als else {}),
         "local_reply_config": {"mappers": [AUTHZ_UNAVAILABLE]},
         "route_config": {
@@ -289,7 +301,7 @@ def render(
                 }
             ],
             "clusters": [
-                _cluster("upstream", [upstream], http2=False),
+                _cluster("upstream", [upstream], http2=False, trailers=True),
                 _cluster(
                     "extauthz",
                     authz,
@@ -321,8 +333,10 @@ def _access_log(usage_headers: tuple[str, ...]) -> dict[str, Any]:
                 # At 0.02 s the lag was ~20 ms and still caused some; 5 ms: ~10 ms.
                 "buffer_flush_interval": "0.005s",
             },
-            # The upstream's usage report, to settle reserved tokens.
+            # The upstream's usage report, to settle reserved tokens: in its response
+            # headers, or in trailers when it streams and knows the count only at the end.
             "additional_response_headers_to_log": list(usage_headers),
+            "additional_response_trailers_to_log": list(usage_headers),
             # The tenant our allow answer set: shared counters find the lease by it.
             "additional_request_headers_to_log": [UPSTREAM_HEADERS[0]],
         },

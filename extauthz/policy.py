@@ -70,7 +70,10 @@ class TokenSource:
 
 @dataclass(frozen=True)
 class AuditRules:
-    sample_allowed: float = 1.0  # share of allowed requests audited; denials: always
+    """``allowed``: the share of allowed requests that leave an audit event (0: none, the
+    default; 1: all). Denials, admin changes and alerts are always audited."""
+
+    allowed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class Policy:
     security: SecurityRules = SecurityRules()
     retention: RetentionRules = RetentionRules()
     webhooks: dict[str, Webhook] = field(default_factory=dict)
+    # Warnings about a policy that loaded all the same (a deprecated name), "file:line: text".
+    notices: tuple[str, ...] = field(default=(), compare=False)
     _merged: dict[tuple[str, TenantTier], Limits] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -282,6 +287,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         security=_section(r, top, "security", SecurityRules, {"max_auth_failures": 1}),
         retention=_section(r, top, "retention", RetentionRules, {"usage_days": 1, "audit_days": 1}),
         webhooks=_webhooks(r, top["webhooks"]) if "webhooks" in top else {},
+        notices=tuple(r.notices),
     )
 
 
@@ -311,13 +317,40 @@ def _webhooks(r: _Reader, node: _Node) -> dict[str, Webhook]:
 
 
 def _audit_rules(r: _Reader, node: _Node) -> AuditRules:
-    fields = r.mapping(node, "audit", {"sample_allowed"})
-    if "sample_allowed" not in fields:
+    fields = r.mapping(node, "audit", {"allowed", "sample_allowed"})
+    if "allowed" in fields and "sample_allowed" in fields:
+        raise r.error(
+            fields["sample_allowed"],
+            "audit.sample_allowed was replaced by audit.allowed: keep only allowed",
+        )
+    if "sample_allowed" in fields:
+        share = _audit_share(r, fields["sample_allowed"], "audit.sample_allowed")
+        r.notice(
+            fields["sample_allowed"],
+            f"audit.sample_allowed is deprecated; read as audit.allowed: {_share_name(share)}. "
+            "An audited allowed request now leaves one API_REQUEST event, when Envoy "
+            "reports it finished (no AUTH_SUCCESS at the check), and the default is none: "
+            "rename it to allowed, or remove it to audit only denials and admin changes",
+        )
+        return AuditRules(share)
+    if "allowed" not in fields:
         return AuditRules()
-    share = r.number(fields["sample_allowed"], "audit.sample_allowed")
-    if share > 1:
-        raise r.error(fields["sample_allowed"], f"audit.sample_allowed must be 0 to 1, not {share}")
-    return AuditRules(share)
+    return AuditRules(_audit_share(r, fields["allowed"], "audit.allowed"))
+
+
+def _audit_share(r: _Reader, node: _Node, where: str) -> float:
+    """none, all, or a share from 0 to 1."""
+    value = r.scalar(node, where)
+    named = {"none": 0.0, "all": 1.0}
+    if isinstance(value, str) and value.lower() in named:
+        return named[value.lower()]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise r.error(node, f"{where} must be none, all or a share from 0 to 1, not {value!r}")
+    return float(value)
+
+
+def _share_name(share: float) -> str:
+    return "none" if share == 0 else "all" if share == 1 else f"{share:g}"
 
 
 def _section(

@@ -20,6 +20,11 @@ class PolicyError(ConfigError):
 class Reader:
     def __init__(self, source: str) -> None:
         self.source = source
+        # What loads but deserves a warning (a deprecated name), as "file:line: text".
+        self.notices: list[str] = []
+
+    def notice(self, node: Node, message: str) -> None:
+        self.notices.append(f"{self.source}:{node.start_mark.line + 1}: {message}")
 
     def error(self, node: Node, message: str) -> PolicyError:
         return PolicyError(f"{self.source}:{node.start_mark.line + 1}: {message}")

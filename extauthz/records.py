@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 
 from extauthz.errors import ExtauthzError
 from extauthz.spill import Spill
+from extauthz.threadnames import named
 
 log = logging.getLogger("extauthz.records")
 T = TypeVar("T")
@@ -157,7 +158,11 @@ class BatchWriter(Generic[T]):
         return total
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"extauthz-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=named(f"extauthz-{self.name}", self._run),
+            name=f"extauthz-{self.name}",
+            daemon=True,
+        )
         self._thread.start()
 
     def _run(self) -> None:

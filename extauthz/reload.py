@@ -67,6 +67,8 @@ class PolicyWatcher:
                     {"file": str(self.path), "trigger": trigger, "error": str(exc)},
                 )
             return False
+        for notice in new.notices:
+            log.warning("%s", notice)
         for holder in self.holders:
             holder.policy = new
         self.reloads += 1

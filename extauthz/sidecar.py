@@ -114,13 +114,16 @@ class Sidecar:
         settled_all = runtime.counters.release_many(
             [Release(d.request_id, d.tokens, d.tenant_id) for d in batch]
         )
-        audit_share = runtime.policy.audit.sample_allowed
+        # One event per audited allowed request, written here at its end, unless
+        # audit_blocking wrote it at the check (before the answer).
+        audit = runtime.audit
+        share = 0.0 if audit.blocking else runtime.policy.audit.allowed
         for done, settled in zip(batch, settled_all, strict=True):
             if settled is None:
                 continue  # denied, public, or reported already: nothing to bill (again)
             runtime.usage.add(completed(settled, done))
-            if sampled(audit_share):
-                runtime.audit.log_api_request(
+            if share and sampled(share):
+                audit.log_api_request(
                     settled.tenant_id,
                     settled.route,
                     settled.method,
@@ -128,7 +131,11 @@ class Sidecar:
                     key_id=settled.key_id,
                     request_id=done.request_id[:128],
                     policy_version=runtime.policy.version,
-                    detail={"latency_ms": round(done.latency_ms, 3)},
+                    detail={
+                        "check": "allowed",
+                        "latency_ms": round(done.latency_ms, 3),
+                        "tokens": done.tokens if done.tokens is not None else settled.reserved,
+                    },
                 )
 
     def start(
@@ -274,6 +281,8 @@ class Sidecar:
         if ended:
             log.info("billing %d open requests as incomplete", len(ended))
         self.runtime.usage.add_now([incomplete(settled) for settled in ended])
+        runtime = self.runtime
+        runtime.audit.log_incomplete(ended, runtime.policy.audit.allowed, runtime.policy.version)
         for name, close in (
             ("audit events", self.runtime.audit.close),
             ("usage records", self.runtime.usage.close),

@@ -13,6 +13,7 @@ from extauthz.app import Runtime
 from extauthz.errors import ExtauthzError
 from extauthz.limits.quota import quota_window
 from extauthz.reload import PolicyWatcher
+from extauthz.threadnames import name_this_thread
 from extauthz.usage import incomplete
 from extauthz.webhooks import WebhookDispatcher
 
@@ -37,6 +38,7 @@ class Upkeep(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        name_this_thread("extauthz-upkeep")
         settings = self.runtime.settings
         clock = self.runtime.clock
         next_touch = clock.monotonic() + settings.last_used_flush
@@ -72,7 +74,10 @@ class Upkeep(threading.Thread):
         counters.maintain(self._days())
         expired = counters.drain_expired()
         if expired:
-            self.runtime.usage.add_now([incomplete(settled) for settled in expired])
+            runtime = self.runtime
+            runtime.usage.add_now([incomplete(settled) for settled in expired])
+            policy = runtime.policy
+            runtime.audit.log_incomplete(expired, policy.audit.allowed, policy.version)
 
     def _days(self) -> frozenset[str]:
         """Today and yesterday in the policy's zone: counts of older days are dropped."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from extauthz.model import AuditEvent
 from extauthz.policy import Policy, Webhook
 from extauthz.store.base import Store
+from extauthz.threadnames import named
 
 log = logging.getLogger("extauthz.webhooks")
 SENT, RETRY, GIVE_UP = "sent", "retry", "give_up"
@@ -272,7 +273,7 @@ class WebhookDispatcher:
     def _spawn(self) -> None:
         """One more worker (the caller holds ``_cond``)."""
         name = f"extauthz-webhooks-{len(self._threads)}"
-        thread = threading.Thread(target=self._work, name=name, daemon=True)
+        thread = threading.Thread(target=named(name[:15], self._work), name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 

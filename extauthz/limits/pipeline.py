@@ -23,6 +23,7 @@ from redis.commands.core import Script
 from extauthz import suspend
 from extauthz.errors import StoreError
 from extauthz.limits.resp import ScriptCall
+from extauthz.threadnames import named
 
 log = logging.getLogger("extauthz.limits")
 
@@ -79,7 +80,9 @@ class ScriptPipeline:
         self._queue: deque[_Call] = deque()
         self._ready = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="extauthz-redis", daemon=True)
+        self._thread = threading.Thread(
+            target=named("extauthz-redis", self._run), name="extauthz-redis", daemon=True
+        )
         self._thread.start()
 
     def submit(

@@ -18,6 +18,7 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
 from extauthz.model import Completion
+from extauthz.threadnames import name_this_thread
 
 log = logging.getLogger("extauthz.als")
 
@@ -63,6 +64,7 @@ class AccessLogReceiver:
         self._empty: bytes = als_pb2.StreamAccessLogsResponse().SerializeToString()
 
     def stream(self, messages: Any, context: grpc.ServicerContext) -> bytes:
+        name_this_thread("extauthz-als")
         for data in messages:
             try:
                 message = als_pb2.StreamAccessLogsMessage.FromString(data)
@@ -93,7 +95,13 @@ class AccessLogReceiver:
         self.entries += 1
         if not request_id or common.response_flags.HasField("unauthorized_details"):
             return None  # denied by ext_authz (flag UAEX): no slot was taken, nothing to bill
-        headers = entry.response.response_headers
+        response = entry.response
+        # A streaming upstream reports its counts in trailers (known only at the end);
+        # when it sends a count both ways, the trailer's is the final one.
+        headers = response.response_headers
+        trailers = response.response_trailers
+        if trailers:
+            headers = {**headers, **trailers}
         took = (
             common.time_to_last_downstream_tx_byte
             if common.HasField("time_to_last_downstream_tx_byte")

@@ -21,6 +21,7 @@ from extauthz import suspend
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
 from extauthz.telemetry.metrics import Metrics
+from extauthz.threadnames import named
 from extauthz.transport import EncodedAnswers, last_value
 
 log = logging.getLogger("extauthz.http")
@@ -333,7 +334,7 @@ class HttpAuthzThread:
         self.server = HttpAuthzServer(authorizer, metrics, waits, max_waiting)
         self.loop = suspend.new_event_loop()
         self._thread = threading.Thread(
-            target=self.loop.run_forever, name="extauthz-http", daemon=True
+            target=named("extauthz-http", self.loop.run_forever), name="extauthz-http", daemon=True
         )
 
     def start(self, host: str, port: int) -> int:

@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from extauthz.threadnames import named
+
 log = logging.getLogger("extauthz.ops")
 
 # name -> (ok, detail); every check must pass for /readyz to answer 200.
@@ -66,7 +68,9 @@ class OpsServer:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="extauthz-ops", daemon=True
+            target=named("extauthz-ops", self._httpd.serve_forever),
+            name="extauthz-ops",
+            daemon=True,
         )
         self._thread.start()
         return int(self._httpd.server_address[1])

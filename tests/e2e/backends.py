@@ -30,6 +30,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.holding += 1
             self.server.release.wait(20)
             self.server.holding -= 1
+        elif self.path.startswith("/stream-usage/"):
+            self._stream_with_trailers(*self.path.split("/")[2:4])
+            return
         elif self.path.startswith("/usage/"):
             _, _, tokens_in, tokens_out = self.path.split("/")[:4]
             headers = [("x-usage-input-tokens", tokens_in), ("x-usage-output-tokens", tokens_out)]
@@ -44,6 +47,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
 
     do_POST = do_GET
+
+    def _stream_with_trailers(self, tokens_in: str, tokens_out: str) -> None:
+        """A streamed (chunked) answer, like server-sent events from a model API, whose
+        token counts come last, as trailers."""
+        head = (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            "transfer-encoding: chunked\r\ntrailer: x-usage-input-tokens, x-usage-output-tokens"
+            "\r\n\r\n"
+        )
+        chunks = b"".join(
+            b"%x\r\n%s\r\n" % (len(event), event)
+            for event in (b'data: {"delta": "Hel"}\n\n', b'data: {"delta": "lo"}\n\n')
+        )
+        trailers = (
+            f"0\r\nx-usage-input-tokens: {tokens_in}\r\nx-usage-output-tokens: {tokens_out}\r\n\r\n"
+        )
+        with contextlib.suppress(BrokenPipeError):
+            self.wfile.write(head.encode() + chunks + trailers.encode())
 
     def log_message(self, format: str, *args: object) -> None:
         pass

@@ -151,6 +151,7 @@ def running_stack(
     body_bytes: int | None = None,
     tweak: Callable[[dict[str, Any]], None] | None = None,
     envoy_args: tuple[str, ...] = (),
+    authz_timeout: float = 0.5,
     **extra: str,
 ) -> Iterator[Stack]:
     """Backend <- Envoy <- extauthz serve (with its access-log receiver unless ``als``
@@ -168,6 +169,7 @@ def running_stack(
         mode=mode,
         als=[("127.0.0.1", als_port)] if als else None,
         body_bytes=body_bytes,
+        timeout=authz_timeout,
     )
     if tweak is not None:
         tweak(config)

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from bench.floors import nginx_path
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_benchmark_runs_every_setup_without_errors(tmp_path: Path) -> None:
-    """A, B, C and D each serve traffic with zero non-2xx answers, the sidecar-alone
-    direct mode runs for HTTP and gRPC, and the results land in the JSON file."""
+    """A, B, C, D and the two transport floors (FG, a bare grpcio handler; FH, nginx
+    when installed) each serve traffic with zero non-2xx answers; C and D are reported
+    against their floor and split by thread (checks, access log, writers); the
+    sidecar-alone direct mode runs for HTTP and gRPC; results land in the JSON file."""
     if not (shutil.which("wrk") and shutil.which("h2load")):
         if os.environ.get("CI"):
             pytest.fail("CI must install wrk and nghttp2-client (see .ci/run)")
@@ -36,7 +40,11 @@ def test_quick_benchmark_runs_every_setup_without_errors(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads(out.read_text())
-    assert set(record["summary"]) == {"A", "B", "C", "D"}
+    have_nginx = nginx_path() is not None
+    if not have_nginx and os.environ.get("CI"):
+        pytest.fail("CI must install nginx-light for the HTTP floor (see .ci/run)")
+    floors = {"FG", "FH"} if have_nginx else {"FG"}
+    assert set(record["summary"]) == {"A", "B", "C", "D"} | floors
     for setup, summary in record["summary"].items():
         assert summary["requests"] > 0, setup
         assert summary["bad_total"] == 0, setup
@@ -45,3 +53,14 @@ def test_quick_benchmark_runs_every_setup_without_errors(tmp_path: Path) -> None
         assert record["direct"][mode]["bad"] == 0
     assert record["core"]["decision_cache_hit_us"] > 0
     assert "A Envoy -> backend" in result.stdout
+    assert record["summary"]["C"]["floor"] == "FG"
+    assert record["summary"]["C"]["vs_floor"] > 0
+    for setup in ("C", "D"):
+        split = record["summary"][setup]
+        assert split["als_us_per_entry"] > 0, setup  # the access-log thread was found
+        assert split["checks_us_per_request"] > 0, setup
+    if have_nginx:
+        assert record["summary"]["D"]["floor"] == "FH"
+        assert "of FH req/s" in result.stdout
+    else:
+        assert "FH (the HTTP floor) skipped: nginx is not installed" in result.stdout

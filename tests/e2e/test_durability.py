@@ -23,12 +23,15 @@ pytestmark = pytest.mark.e2e
 POLICY = (
     "tenants:\n  t_d: {requests_per_day: 100000000, concurrent: 100000,\n"
     "    rate_limit: {requests_per_minute: 100000000, burst: 100000000}}\n"
+    "audit:\n  allowed: all\n"
 )
+# Refused: its AUTH_FAILURE is queued at the check, so SIGKILL can lose it.
+BAD_KEY = "nk_" + "z" * 40
 
 
-def load(port: int, key: str, stop_at: threading.Event, ok: list[float]) -> None:
+def load(port: int, key: str, stop_at: threading.Event, ok: list[float], want: int = 200) -> None:
     """Checks on one keep-alive connection until told to stop or the server goes away;
-    records the time of each 200 received (bounded: at most 5,000)."""
+    records the time of each ``want`` status received (bounded: at most 5,000)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         while not stop_at.is_set() and len(ok) < 5_000:
@@ -37,7 +40,7 @@ def load(port: int, key: str, stop_at: threading.Event, ok: list[float]) -> None
             )
             resp = conn.getresponse()
             resp.read()
-            if resp.status == 200:
+            if resp.status == want:
                 ok.append(time.monotonic())
     except (OSError, http.client.HTTPException):
         pass  # the server stopped
@@ -45,15 +48,18 @@ def load(port: int, key: str, stop_at: threading.Event, ok: list[float]) -> None
         conn.close()
 
 
-def run_and_stop(tmp_path: Path, how: signal.Signals) -> tuple[dict[str, str], int, float, Runtime]:
+def run_and_stop(
+    tmp_path: Path, how: signal.Signals, refused: bool = False
+) -> tuple[dict[str, str], int, float, Runtime]:
     env = sidecar_env(tmp_path, POLICY)
     runtime = Runtime.open(load_settings(environ=env))
     runtime.tenants.create_tenant("d", TenantTier.FREE, "t_d")
-    key = runtime.keys.create_key("t_d")[1]
+    key = BAD_KEY if refused else runtime.keys.create_key("t_d")[1]
     proc, port, _ = start_sidecar(env, tmp_path / "sidecar.log", "http")
     ok: list[float] = []
     stop_at = threading.Event()
-    clients = [threading.Thread(target=load, args=(port, key, stop_at, ok)) for _ in range(4)]
+    want = 401 if refused else 200
+    clients = [threading.Thread(target=load, args=(port, key, stop_at, ok, want)) for _ in range(4)]
     started = time.monotonic()
     for c in clients:
         c.start()
@@ -70,11 +76,13 @@ def run_and_stop(tmp_path: Path, how: signal.Signals) -> tuple[dict[str, str], i
 
 
 def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
-    """Every check answered 200 has its AUTH_SUCCESS audit row and its usage record
-    (incomplete: no Envoy reported it finished) once the process has exited 0."""
+    """Every check answered 200 has its usage record and (audit.allowed: all) its
+    API_REQUEST audit row, both incomplete since no Envoy reported it finished, once the
+    process has exited 0."""
     _, answered, _, runtime = run_and_stop(tmp_path, signal.SIGTERM)
     assert answered > 50
-    success = runtime.store.query_audit(action="AUTH_SUCCESS")
+    success = runtime.store.query_audit(action="API_REQUEST")
+    assert all(e.outcome == "incomplete" for e in success)
     usage = runtime.store.query_usage(tenant_id="t_d")
     # At most one check per client can be allowed and recorded after its reply was lost.
     assert answered <= len(success) <= answered + 4
@@ -85,11 +93,12 @@ def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_sigkill_loses_at_most_the_flush_interval_and_the_chain_verifies(tmp_path: Path) -> None:
-    """SIGKILL mid-load: the audit rows lost are at most what was answered in the last
-    flush interval (0.2 s here; 0.5 s of checks allowed for scheduling), and after a
-    restart the chain verifies, at start (tail) and with `audit verify`."""
-    env, answered, rate, runtime = run_and_stop(tmp_path, signal.SIGKILL)
-    success = len(runtime.store.query_audit(action="AUTH_SUCCESS"))
+    """SIGKILL mid-load of refused checks (each queues its AUTH_FAILURE): the audit rows
+    lost are at most what was answered in the last flush interval (0.2 s here; 0.5 s of
+    checks allowed for scheduling), and after a restart the chain verifies, at start
+    (tail) and with `audit verify`."""
+    env, answered, rate, runtime = run_and_stop(tmp_path, signal.SIGKILL, refused=True)
+    success = len(runtime.store.query_audit(action="AUTH_FAILURE"))
     lost = answered - success
     print(f"\nSIGKILL: {answered} answered at {rate:.0f}/s, {success} audited, {lost} lost")
     assert lost <= rate * 0.5

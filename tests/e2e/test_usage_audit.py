@@ -5,6 +5,7 @@ verifies from the command line."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.webhook_receiver import Receiver
 pytestmark = pytest.mark.e2e
 
 POLICY = """
+audit: {allowed: all}
 security: {max_auth_failures: 5, window_seconds: 60, block_seconds: 0}
 tenants:
   t_quota: {requests_per_day: 1}
@@ -79,7 +81,8 @@ def rows(stack: Stack, **filters: Any) -> list[Any]:
 def test_usage_records_match_envoys_own_access_log(audited: tuple[Stack, Path]) -> None:
     """20 requests to an upstream reporting 120 + 180 tokens: 20 usage rows, with the
     request ids, statuses, tokens and durations Envoy logged itself, and the cost at the
-    starter price (0.002 per 1K tokens)."""
+    starter price (0.002 per 1K tokens); and (audit.allowed: all) one API_REQUEST event
+    per request, none at the check."""
     stack, log = audited
     tenant = stack.runtime.tenants.create_tenant("metered", TenantTier.STARTER)
     key = stack.runtime.keys.create_key(tenant.id)[1]
@@ -104,6 +107,49 @@ def test_usage_records_match_envoys_own_access_log(audited: tuple[Stack, Path]) 
         assert record.cost == pytest.approx(300 * 0.002 / 1000)
         assert not record.incomplete
     assert sum(r.cost for r in ours.values()) == pytest.approx(20 * 300 * 0.002 / 1000)
+    # audit.allowed: all: one chained event per allowed request, at its end, never two.
+    wait_until(lambda: len(events_of(stack, set(ours))) == 20, 5)
+    events = events_of(stack, set(ours))
+    assert sorted(e.request_id for e in events) == sorted(ours)
+    assert {e.action for e in events} == {"API_REQUEST"}
+    assert all(json.loads(e.detail)["tokens"] == 300 for e in events)
+
+
+def streamed(port: int, path: str, key: str) -> bytes:
+    """A raw HTTP/1.1 GET, read to the end of its chunked body (trailers included)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(
+            f"GET {path} HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\nte: trailers\r\n"
+            "connection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_streamed_answer_is_billed_from_its_trailers(audited: tuple[Stack, Path]) -> None:
+    """An upstream that streams its answer (chunked, like server-sent events) and sends
+    its token counts as trailers: the client still gets the stream and the trailers,
+    and each usage record carries the counts from the trailers (70 in, 30 out)."""
+    stack, _ = audited
+    tenant = stack.runtime.tenants.create_tenant("streamer", TenantTier.STARTER)
+    key = stack.runtime.keys.create_key(tenant.id)[1]
+    for _ in range(5):
+        answer = streamed(stack.port, "/stream-usage/70/30", key)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b'data: {"delta": "lo"}' in answer
+        assert b"x-usage-output-tokens: 30" in answer.split(b"\r\n0\r\n", 1)[1]
+
+    def recorded() -> list[Any]:
+        return stack.runtime.store.query_usage(tenant_id=tenant.id)
+
+    wait_until(lambda: len(recorded()) == 5, 5)
+    assert {(r.tokens_in, r.tokens_out, r.incomplete) for r in recorded()} == {(70, 30, False)}
+
+
+def events_of(stack: Stack, request_ids: set[str]) -> list[Any]:
+    return [e for e in rows(stack) if e.request_id in request_ids]
 
 
 def test_each_audit_action_happens_the_way_a_user_makes_it(audited: tuple[Stack, Path]) -> None:
@@ -135,7 +181,6 @@ def test_each_audit_action_happens_the_way_a_user_makes_it(audited: tuple[Stack,
         "KEY_ROTATED": {"key_id": key["key_id"]},
         "KEY_REVOKED": {"key_id": rotated["key_id"]},
         "DATA_ACCESSED": {"reason": "usage.show"},
-        "AUTH_SUCCESS": {"tenant_id": tid},
         "API_REQUEST": {"tenant_id": tid},
         "AUTH_FAILURE": {"key_id": rotated["key_id"], "reason": "key_revoked"},
         "QUOTA_EXCEEDED": {"tenant_id": "t_quota"},

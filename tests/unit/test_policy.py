@@ -43,7 +43,10 @@ ERRORS = {
     "webhook_bad_url.yaml": "3: webhooks.t_1.url must start with https:// or http://",
     "webhook_bad_event.yaml": "5: webhooks.t_1.events: 'KEY_CREATED' is not one of "
     "QUOTA_EXCEEDED, KEY_REVOKED, SECURITY_ALERT",
-    "sample_too_big.yaml": "2: audit.sample_allowed must be 0 to 1, not 2.0",
+    "allowed_too_big.yaml": "2: audit.allowed must be none, all or a share from 0 to 1, not 2",
+    "allowed_word.yaml": "2: audit.allowed must be none, all or a share from 0 to 1, not 'some'",
+    "allowed_twice.yaml": "3: audit.sample_allowed was replaced by audit.allowed: keep only "
+    "allowed",
     "security_zero.yaml": "2: security.max_auth_failures must be at least 1, not 0",
 }
 
@@ -71,6 +74,38 @@ def test_shipped_policy_is_valid_and_matches_the_builtin_defaults() -> None:
         policy.tiers[TenantTier.ENTERPRISE].concurrent,
     ) == (1_000, 500)
     assert policy.route("/healthz") is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "share"), [("", 0.0), ("none", 0.0), ("all", 1.0), ("0.25", 0.25), ("0", 0.0)]
+)
+def test_audit_allowed_is_none_by_default_and_takes_none_all_or_a_share(
+    text: str, share: float
+) -> None:
+    """Allowed requests are not audited unless the policy says so: none, all or a share."""
+    policy = parse_policy(f"audit:\n  allowed: {text}\n" if text else "")
+    assert policy.audit.allowed == share
+    assert policy.notices == ()
+
+
+def test_the_old_sample_allowed_still_loads_with_a_warning_naming_its_replacement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """audit.sample_allowed is read as audit.allowed, and `policy check` warns (file:line)
+    that it is deprecated and what changed; the policy still checks OK."""
+    path = tmp_path / "old.yaml"
+    path.write_text("audit:\n  sample_allowed: 0.5\n")
+    assert load_policy(path).audit.allowed == 0.5
+    assert main(["policy", "check", str(path)]) == 0
+    out = capsys.readouterr()
+    assert f"warning: {path}:2: audit.sample_allowed is deprecated; read as audit.allowed: 0.5" in (
+        out.err
+    )
+    assert "allowed requests audited: 50%" in out.out
+    assert main(["policy", "check", "--json", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["audit"] == {"allowed": 0.5}
+    assert report["warnings"][0].startswith(f"{path}:2: audit.sample_allowed is deprecated")
 
 
 def test_empty_policy_means_builtin_defaults() -> None:
