@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench import core
+from bench import core, entries
 from bench.floors import nginx_path
 from bench.load import (
     check_request,
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         alone = direct(workdir, env, keys[""], max(2.0, args.seconds / 2))
     summary = summarize(rounds, chosen)
     micro = core.measure(5000 if args.quick else 20000)
+    micro.update(entries.measure(5000 if args.quick else 20000))
     meta = {
         "rounds": args.rounds,
         "seconds": args.seconds,
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"in-process decision core (cache hit): {micro['decision_cache_hit_us']:.1f} us; "
         f"gRPC adapter incl. protobuf: {micro['grpc_adapter_cache_hit_us']:.1f} us"
+    )
+    print(
+        "in-process access-log entry (decode, release, settle, queue the record): "
+        f"gRPC {micro['access_log_entry_grpc_us']:.1f} us, "
+        f"fluentd {micro['access_log_entry_fluentd_us']:.1f} us"
     )
     record = {"meta": meta, "summary": summary, "rounds": rounds, "direct": alone, "core": micro}
     path = (

@@ -4,6 +4,7 @@ A  Envoy -> backend, no auth (the baseline every ratio is taken against)
 B  Envoy's in-process api_key_auth + local_ratelimit -> backend (the built-in alternative)
 C  Envoy + extauthz over gRPC -> backend
 D  Envoy + extauthz over the HTTP service -> backend
+CF, DF  the same with the access log over Envoy's fluentd logger (EXTAUTHZ_ACCESS_LOG)
 FG, FH  the transport floors: Envoy ext_authz to an authorizer that only answers OK
     (a bare grpcio handler; nginx `return 200`), bench/floors.py
 CR, DR  the same with counters in Redis (the store stays SQLite): Redis against memory
@@ -38,6 +39,9 @@ SETUPS = {
     "D": "Envoy + extauthz HTTP service",
     "FG": "floor: ext_authz gRPC -> bare grpcio",
     "FH": "floor: ext_authz HTTP -> nginx 200",
+    # The access log over Envoy's fluentd logger instead of the gRPC service.
+    "CF": "Envoy + extauthz gRPC, fluentd log",
+    "DF": "Envoy + extauthz HTTP, fluentd log",
     # Optional: the same with `serve --workers 2`, two endpoints in Envoy's cluster.
     "C2": "Envoy + extauthz gRPC, 2 workers",
     "D2": "Envoy + extauthz HTTP, 2 workers",
@@ -100,10 +104,17 @@ def _builtin_filters(key: str) -> list[dict[str, Any]]:
 
 
 def front_config(
-    setup: str, backend_port: int, authz_port: int, key: str, als_port: int = 0
+    setup: str,
+    backend_port: int,
+    authz_port: int,
+    key: str,
+    als_port: int = 0,
+    *,
+    access_log: str = "grpc",
 ) -> dict[str, Any]:
     mode = "http" if setup in ("D", "FH") else "grpc"
     config = render(
+        access_log=access_log,
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", backend_port),
         authz=[("127.0.0.1", authz_port or 9)],
@@ -178,7 +189,11 @@ class Running:
     def __init__(self, setup: str, workdir: Path, env: dict[str, str], key: str) -> None:
         self.setup = setup
         floor = setup in ("FG", "FH")
-        base, workers = setup[0], 1 if floor else int(setup[1:].rstrip("RP") or 1)
+        base = setup[0]
+        workers = int("".join(c for c in setup if c.isdigit()) or 1)
+        access_log = "fluentd" if not floor and "F" in setup[1:] else "grpc"
+        if access_log == "fluentd":
+            env = {**env, "EXTAUTHZ_ACCESS_LOG": "fluentd"}
         self.backend = EnvoyProcess(backend_config(), workdir / "backend", concurrency=1)
         self.sidecar: Sidecar | None = None
         self.floor: Floor | None = None
@@ -197,7 +212,12 @@ class Running:
                 authz_ports = self.sidecar.ports
                 als_port = self.sidecar.als_port
             config = front_config(
-                base, self.backend_port, authz_ports[0] if authz_ports else 0, key, als_port
+                base,
+                self.backend_port,
+                authz_ports[0] if authz_ports else 0,
+                key,
+                als_port,
+                access_log=access_log,
             )
             if len(authz_ports) > 1:  # several worker processes: one endpoint each
                 cluster = config["static_resources"]["clusters"][1]

@@ -22,6 +22,7 @@ EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtA
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 ALS = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+FLUENTD = "type.googleapis.com/envoy.extensions.access_loggers.fluentd.v3.FluentdAccessLogConfig"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -198,6 +199,7 @@ def render(
     token_header: str | None = "x-max-tokens",  # noqa: S107 - a header name, not a secret
     usage_headers: tuple[str, ...] = USAGE_HEADERS,
     body_bytes: int | None = None,
+    access_log: str = "grpc",
 ) -> dict[str, Any]:
     """An Envoy bootstrap: ``listen`` -> ext_authz (``mode`` grpc or http) -> ``upstream``,
     with every finished request reported to ``als`` (extauthz's access-log receiver;
@@ -256,7 +258,7 @@ def render(
         # HTTP/1 drops trailers unless asked: a streaming upstream's token counts come
         # as trailers, for the client and for the access log (below, and on the cluster).
         "http_protocol_options": {"enable_trailers": True},
-        **({"access_log": [_access_log(usage_headers)]} if als else {}),
+        **({"access_log": [_access_log(usage_headers, access_log)]} if als else {}),
         "local_reply_config": {"mappers": [AUTHZ_UNAVAILABLE]},
         "route_config": {
             "name": "local",
@@ -313,13 +315,30 @@ def render(
                     if mode == "grpc"
                     else {"tcp_health_check": {}},
                 ),
-                *([_cluster("extauthz_als", als, http2=True)] if als else []),
+                # The gRPC access-log service speaks HTTP/2; fluentd is a plain TCP stream.
+                *([_cluster("extauthz_als", als, http2=access_log == "grpc")] if als else []),
             ],
         },
     }
 
 
-def _access_log(usage_headers: tuple[str, ...]) -> dict[str, Any]:
+def _access_log(usage_headers: tuple[str, ...], protocol: str = "grpc") -> dict[str, Any]:
+    if protocol == "fluentd":
+        from extauthz.transport.fluentd import record_format
+
+        return {
+            "name": "envoy.access_loggers.fluentd",
+            "typed_config": {
+                "@type": FLUENTD,
+                "cluster": "extauthz_als",
+                "tag": "extauthz",
+                "stat_prefix": "extauthz_access_log",
+                # As for the gRPC stream below: a finished request frees its slot quickly.
+                "buffer_flush_interval": "0.005s",
+                # Only what extauthz reads (transport/fluentd.py), as plain values.
+                "record": record_format(usage_headers),
+            },
+        }
     return {
         "name": "envoy.access_loggers.http_grpc",
         "typed_config": {

@@ -217,7 +217,9 @@ class UsageRecord:
         return {f: getattr(self, f) for f in self.__slots__}
 
 
-@dataclass(frozen=True, slots=True)
+# One per access-log entry: a plain slotted class like Decision (frozen would pay an
+# object.__setattr__ per field). Treat it as immutable all the same.
+@dataclass(slots=True)
 class Completion:
     """What Envoy's access log says about one finished request."""
 

@@ -74,6 +74,16 @@ class BatchWriter(Generic[T]):
                 return True
         return self._overflow([item], "queue full")
 
+    def put_many(self, items: Sequence[T]) -> bool:
+        """:meth:`put` for several items (an access-log message's), under one lock."""
+        with self._lock:
+            room = self.capacity - len(self._queue)
+            before = len(self._queue)
+            self._queue.extend(items[:room])
+            if before < self.batch <= len(self._queue):
+                self._wake.notify()
+        return room >= len(items) or self._overflow(items[max(room, 0) :], "queue full")
+
     def _overflow(self, items: Sequence[T], why: str) -> bool:
         """Spill ``items``, or (no disk) count them dropped and say so."""
         if self._spill(items, why):

@@ -54,6 +54,7 @@ class Settings:
     grpc_addr: str = "127.0.0.1:9001"
     http_addr: str = "127.0.0.1:9002"
     als_addr: str = "127.0.0.1:9003"  # Envoy's access-log stream (frees slots, settles tokens)
+    access_log: str = "grpc"  # how Envoy sends it: grpc (access-log service) or fluentd
     grpc_workers: int = 4
     key_headers: tuple[str, ...] = ("x-api-key", "authorization")
     key_prefix: str = "nk"
@@ -225,6 +226,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "shutdown_grace": parse_duration,
     "log_level": _level,
     "als_addr": lambda v, w: str(v),
+    "access_log": lambda v, w: _choice(v, w, ("grpc", "fluentd")),
     "counters_url": _counters_url,
     "lease_ttl": _positive_duration,
     "counters_timeout": _positive_duration,

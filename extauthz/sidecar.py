@@ -20,6 +20,7 @@ from extauthz.limits.degraded import GuardedCounters
 from extauthz.model import Completion
 from extauthz.reload import PolicyWatcher
 from extauthz.transport.als import AccessLogReceiver
+from extauthz.transport.fluentd import FluentdReceiver
 from extauthz.transport.grpc_authz import SERVICE as GRPC_SERVICE
 from extauthz.transport.grpc_authz import GrpcAuthz, GrpcServer
 from extauthz.transport.http_authz import GREENLETS, INLINE, THREADS, HttpAuthzThread
@@ -62,6 +63,7 @@ class Sidecar:
         self.als = AccessLogReceiver(self._finished, runtime.settings.usage_headers)
         self.grpc: GrpcServer | None = None
         self.als_server: GrpcServer | None = None
+        self.fluentd: FluentdReceiver | None = None
         self.http: HttpAuthzThread | None = None
         self.ops: OpsServer | None = None
         self.health: HealthServicer | None = None
@@ -114,15 +116,19 @@ class Sidecar:
         settled_all = runtime.counters.release_many(
             [Release(d.request_id, d.tokens, d.tenant_id) for d in batch]
         )
+        # Denied, public, or reported already: nothing to bill (again).
+        billed = [(d, s) for d, s in zip(batch, settled_all, strict=True) if s is not None]
+        if not billed:
+            return
+        runtime.usage.add_many([completed(s, d) for d, s in billed])
         # One event per audited allowed request, written here at its end, unless
         # audit_blocking wrote it at the check (before the answer).
         audit = runtime.audit
         share = 0.0 if audit.blocking else runtime.policy.audit.allowed
-        for done, settled in zip(batch, settled_all, strict=True):
-            if settled is None:
-                continue  # denied, public, or reported already: nothing to bill (again)
-            runtime.usage.add(completed(settled, done))
-            if share and sampled(share):
+        if not share:
+            return
+        for done, settled in billed:
+            if sampled(share):
                 audit.log_api_request(
                     settled.tenant_id,
                     settled.route,
@@ -165,8 +171,13 @@ class Sidecar:
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from
             # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.
-            self.als_server = GrpcServer([self.als.handler()], workers=64)
-            self.ports["als_port"] = self.als_server.bind(als_addr or settings.als_addr)
+            if settings.access_log == "fluentd":
+                host, port = parse_hostport(als_addr or settings.als_addr, "access-log address")
+                self.fluentd = FluentdReceiver(self._finished, settings.usage_headers)
+                self.ports["als_port"] = self.fluentd.start(host, port)
+            else:
+                self.als_server = GrpcServer([self.als.handler()], workers=64)
+                self.ports["als_port"] = self.als_server.bind(als_addr or settings.als_addr)
             if self.runtime.metrics_on:
                 host, port = parse_hostport(metrics_addr or settings.metrics_addr, "metrics")
                 self.ops = OpsServer(self.runtime.metrics.registry, self._ready)
@@ -257,9 +268,11 @@ class Sidecar:
             self.grpc.stop(grace)
         if self.http is not None:
             self.http.stop(grace)
+        # Entries for the checks just answered may still be in flight from Envoy.
         if self.als_server is not None:
-            # Entries for the checks just answered may still be in flight from Envoy.
             self.als_server.stop(min(grace, 0.5))
+        if self.fluentd is not None:
+            self.fluentd.stop(min(grace, 0.5))
 
     def stop(self) -> None:
         grace = self.runtime.settings.shutdown_grace

@@ -202,6 +202,7 @@ def policy_options(settings: Settings, policy: Policy) -> dict[str, Any]:
         "key_headers": settings.key_headers,
         "token_header": policy.tokens.header,
         "usage_headers": settings.usage_headers,
+        "access_log": settings.access_log,
         "body_bytes": settings.max_body_bytes if policy.tokens.body_field else None,
     }
 

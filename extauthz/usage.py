@@ -32,8 +32,32 @@ def cost_of(tokens: int, price_per_1k: float) -> float:
     return round(tokens * price_per_1k / 1000.0, 9)
 
 
-def _record(settled: Settlement, tokens_in: int, tokens_out: int, **measured: Any) -> UsageRecord:
-    """What the check knew about the request (its lease), plus what was measured."""
+def completed(settled: Settlement, done: Completion) -> UsageRecord:
+    """The record of a request Envoy reported finished: what the check knew about it
+    (its lease), plus what was measured. (Positional: one is built per request.)"""
+    tokens_in = done.tokens_in or 0
+    tokens_out = done.tokens_out or 0
+    return UsageRecord(
+        settled.request_id,
+        settled.started,
+        settled.day,
+        settled.tenant_id,
+        settled.key_id,
+        settled.route,
+        settled.method,
+        done.status,
+        round(done.latency_ms, 3),
+        done.request_bytes,
+        done.response_bytes,
+        tokens_in,
+        tokens_out,
+        cost_of(tokens_in + tokens_out, settled.price),
+    )
+
+
+def incomplete(settled: Settlement) -> UsageRecord:
+    """The record of an allowed request whose access-log entry never came: what the
+    check knew, its declared tokens billed as reserved."""
     return UsageRecord(
         request_id=settled.request_id,
         ts=settled.started,
@@ -42,30 +66,10 @@ def _record(settled: Settlement, tokens_in: int, tokens_out: int, **measured: An
         key_id=settled.key_id,
         route=settled.route,
         method=settled.method,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
-        cost=cost_of(tokens_in + tokens_out, settled.price),
-        **measured,
+        tokens_in=settled.reserved,
+        cost=cost_of(settled.reserved, settled.price),
+        incomplete=True,
     )
-
-
-def completed(settled: Settlement, done: Completion) -> UsageRecord:
-    """The record of a request Envoy reported finished."""
-    return _record(
-        settled,
-        done.tokens_in or 0,
-        done.tokens_out or 0,
-        status=done.status,
-        latency_ms=round(done.latency_ms, 3),
-        request_bytes=done.request_bytes,
-        response_bytes=done.response_bytes,
-    )
-
-
-def incomplete(settled: Settlement) -> UsageRecord:
-    """The record of an allowed request whose access-log entry never came: what the
-    check knew, its declared tokens billed as reserved."""
-    return _record(settled, settled.reserved, 0, incomplete=True)
 
 
 def totals(records: Iterable[UsageRecord]) -> dict[str, Any]:
@@ -111,6 +115,9 @@ class UsageTracker:
 
     def add(self, record: UsageRecord) -> bool:
         return self.writer.put(record)
+
+    def add_many(self, records: Sequence[UsageRecord]) -> bool:
+        return self.writer.put_many(records)
 
     def add_now(self, records: Sequence[UsageRecord]) -> None:
         """Records the product makes itself (expired or ended leases): straight to the

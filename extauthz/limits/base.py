@@ -52,7 +52,8 @@ class Verdict:
     degraded: bool = False  # allowed unchecked: shared counters down, the tier fails open
 
 
-@dataclass(frozen=True, slots=True)
+# One per released lease, on the access-log path: slotted, not frozen (see Ask).
+@dataclass(slots=True)
 class Settlement:
     """A released lease: its reservation, and the real token count when one was reported."""
 

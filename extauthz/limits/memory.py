@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from extauthz.clock import SYSTEM_CLOCK, Clock
@@ -21,6 +22,7 @@ from extauthz.limits.base import (
     TOKENS_DAY,
     Ask,
     Counters,
+    Release,
     Settlement,
     Verdict,
 )
@@ -195,6 +197,25 @@ class MemoryCounters(Counters):
             if actual_tokens is not None and actual_tokens != ask.tokens:
                 self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
         return _settlement(ask, actual_tokens)
+
+    def release_many(self, releases: Sequence[Release]) -> list[Settlement | None]:
+        """:meth:`release` for one access-log message, under one lock."""
+        settled: list[Settlement | None] = []
+        leases, held_by = self._leases, self._held
+        with self._lock:
+            for lease_id, actual_tokens, _ in releases:
+                lease = leases.pop(lease_id, None)
+                if lease is None:
+                    settled.append(None)
+                    continue
+                ask = lease.ask
+                held = held_by.get(ask.tenant_id)
+                if held is not None:
+                    held.pop(lease_id, None)
+                if actual_tokens is not None and actual_tokens != ask.tokens:
+                    self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
+                settled.append(_settlement(ask, actual_tokens))
+        return settled
 
     def end_leases(self) -> list[Settlement]:
         with self._lock:

@@ -43,17 +43,24 @@ def reported_tokens(headers: Any, names: tuple[str, ...]) -> int | None:
         value = headers.get(name)
         if value is None:
             continue
-        text = value.strip()
-        if not text.isascii() or not text.isdigit() or len(text) > 16:
-            # Once per header name: a misbehaving upstream must not flood the log.
-            (log.debug if name in _WARNED else log.warning)(
-                "ignoring usage header %s: not a whole number", name
-            )
-            _WARNED.add(name)
-            continue
-        total += int(text)
-        seen = True
+        count = usage_count(value, name)
+        if count is not None:
+            total += count
+            seen = True
     return min(total, MAX_TOKENS) if seen else None
+
+
+def usage_count(value: str, name: str) -> int | None:
+    """One usage header's (or trailer's) count, or None if it is not a whole number."""
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 16:
+        # Once per header name: a misbehaving upstream must not flood the log.
+        (log.debug if name in _WARNED else log.warning)(
+            "ignoring usage header %s: not a whole number", name
+        )
+        _WARNED.add(name)
+        return None
+    return min(int(text), MAX_TOKENS)
 
 
 class AccessLogReceiver:
@@ -88,10 +95,12 @@ class AccessLogReceiver:
         return self._empty
 
     def _entry(self, entry: Any) -> Completion | None:
+        # Once per finished request: each protobuf field is read once, into a local.
         common = entry.common_properties
         if common.intermediate_log_entry:
             return None  # a periodic entry for a request still running
-        request_id = entry.request.request_id
+        request = entry.request
+        request_id = request.request_id
         self.entries += 1
         if not request_id or common.response_flags.HasField("unauthorized_details"):
             return None  # denied by ext_authz (flag UAEX): no slot was taken, nothing to bill
@@ -107,18 +116,18 @@ class AccessLogReceiver:
             if common.HasField("time_to_last_downstream_tx_byte")
             else common.duration
         )
+        names = self.usage_headers
         return Completion(
-            request_id=request_id,
-            status=entry.response.response_code.value,
-            latency_ms=took.seconds * 1000.0 + took.nanos / 1e6,
-            request_bytes=entry.request.request_headers_bytes + entry.request.request_body_bytes,
-            response_bytes=entry.response.response_headers_bytes
-            + entry.response.response_body_bytes,
-            tokens_in=reported_tokens(headers, self.usage_headers[:1]),
-            tokens_out=reported_tokens(headers, self.usage_headers[1:]),
+            request_id,
+            response.response_code.value,
+            took.seconds * 1000.0 + took.nanos / 1e6,
+            request.request_headers_bytes + request.request_body_bytes,
+            response.response_headers_bytes + response.response_body_bytes,
+            reported_tokens(headers, names[:1]) if headers else None,
+            reported_tokens(headers, names[1:]) if headers else None,
             # Set by our allow answer (a client's own is overwritten): which tenant's
             # counters hold the lease. Only a hint: a wrong one finds no lease.
-            tenant_id=entry.request.request_headers.get(TENANT_HEADER, "")[:128],
+            request.request_headers.get(TENANT_HEADER, "")[:128],
         )
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:

@@ -170,6 +170,7 @@ def running_stack(
         als=[("127.0.0.1", als_port)] if als else None,
         body_bytes=body_bytes,
         timeout=authz_timeout,
+        access_log=extra.get("EXTAUTHZ_ACCESS_LOG", "grpc"),
     )
     if tweak is not None:
         tweak(config)

@@ -269,3 +269,39 @@ def test_envoy_config_follows_the_policy_token_source(
     als = next(c for c in config["static_resources"]["clusters"] if c["name"] == "extauthz_als")
     endpoint = als["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert endpoint["address"]["socket_address"]["port_value"] == 9555
+
+
+def test_envoy_config_follows_the_access_log_setting_and_validates(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """EXTAUTHZ_ACCESS_LOG=fluentd: the bootstrap sends the access log with Envoy's
+    fluentd logger (only the fields extauthz reads, headers and trailers) over a plain
+    TCP cluster, and Envoy 1.40 accepts it."""
+    import subprocess
+
+    import yaml
+
+    from extauthz.launcher import find_envoy
+
+    monkeypatch.setenv("EXTAUTHZ_ACCESS_LOG", "fluentd")
+    code, out, _ = run(capsys, "envoy-config")
+    assert code == 0
+    config = yaml.safe_load(out)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (logger,) = hcm["typed_config"]["access_log"]
+    assert logger["name"] == "envoy.access_loggers.fluentd"
+    record = logger["typed_config"]["record"]
+    assert record["id"] == "%REQ(X-REQUEST-ID)%"
+    assert record["r1"] == "%TRAILER(X-USAGE-OUTPUT-TOKENS)%"
+    als = next(c for c in config["static_resources"]["clusters"] if c["name"] == "extauthz_als")
+    assert "typed_extension_protocol_options" not in als  # TCP, not HTTP/2
+    path = tmp_path / "envoy.yaml"
+    path.write_text(out)
+    checked = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
