@@ -61,13 +61,17 @@ class KeyResolver:
         self.clock = clock
         self.format = KeyFormat(prefix)
         self._lock = threading.Lock()
-        self._hits: TTLCache[bytes, _Entry] = TTLCache(size, ttl, timer=clock.monotonic)
-        self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
-        # The same entries, kept up to the hard age: used only while the store cannot
-        # answer, so known keys keep working through a short database outage.
-        self._stale: TTLCache[bytes, _Entry] = TTLCache(
+        self.ttl = ttl
+        # One entry per key, with the time it was read: fresh for ``ttl``, then kept up
+        # to the hard age for use only while the store cannot answer (known keys keep
+        # working through a short database outage). One cache, not a fresh one and a
+        # stale one: each cached item costs a few hundred bytes of bookkeeping.
+        self._hits: TTLCache[bytes, tuple[_Entry, float]] = TTLCache(
             size, max(ttl, max_stale), timer=clock.monotonic
         )
+        self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
+        # Ten keys of one tenant share one Tenant object rather than ten copies.
+        self._tenants: dict[str, Tenant] = {}
         self._last_used: dict[str, float] = {}
         self._revision = -1
         # Cache results, read by the metrics collector: hit, negative_hit, miss.
@@ -83,12 +87,13 @@ class KeyResolver:
             return _MALFORMED
         key_hash = self.pepper.hash_key(presented)
         with self._lock:
-            try:
-                entry: _Entry | None = self._hits[key_hash]
-                negative = False
+            cached = self._hits.get(key_hash)
+            entry: _Entry | None = None
+            if cached is not None and self.clock.monotonic() - cached[1] < self.ttl:
+                entry, negative = cached[0], False
                 self.stats["hit"] += 1
-            except KeyError:
-                entry, negative = None, key_hash in self._misses
+            else:
+                negative = key_hash in self._misses
                 self.stats["negative_hit" if negative else "miss"] += 1
             generation = self._generation
         if negative:
@@ -139,16 +144,28 @@ class KeyResolver:
             if generation == self._generation and found is None:
                 self._misses[key_hash] = True
             elif generation == self._generation and found is not None:
-                self._hits[key_hash] = found
-                self._stale[key_hash] = found
+                key, tenant = found
+                shared = self._tenants.get(tenant.id)
+                if shared == tenant:
+                    tenant = shared
+                else:
+                    self._tenants[tenant.id] = tenant
+                # The cached key holds no copies of what the tenant and the cache's
+                # own key already hold (the hash only once it is known to be equal:
+                # resolve() compares them again in constant time).
+                key.tenant_id = tenant.id
+                if hmac.compare_digest(key.key_hash, key_hash):
+                    key.key_hash = key_hash
+                found = (key, tenant)
+                self._hits[key_hash] = (found, self.clock.monotonic())
         return found
 
     def _stale_entry(self, key_hash: bytes) -> _Entry | None:
         with self._lock:
-            entry = self._stale.get(key_hash)
-            if entry is not None:
+            cached = self._hits.get(key_hash)
+            if cached is not None:
                 self.stats["stale"] += 1
-        return entry
+        return cached[0] if cached is not None else None
 
     @property
     def generation(self) -> int:
@@ -160,7 +177,7 @@ class KeyResolver:
             self._generation += 1
             self._hits.clear()
             self._misses.clear()
-            self._stale.clear()
+            self._tenants.clear()
 
     def refresh(self) -> bool:
         """Drop the cache if the store changed since the last call. True if it did."""

@@ -28,7 +28,7 @@ from extauthz.bruteforce import BruteForceGuard
 from extauthz.errors import StoreError
 from extauthz.keys import MAX_KEY_LEN
 from extauthz.limits.gate import LimitGate
-from extauthz.model import CheckInput, Decision, Principal
+from extauthz.model import CheckInput, Decision, Principal, Tenant
 from extauthz.policy import Policy, Route
 from extauthz.reasons import REASONS, Reason, deny_decision
 from extauthz.telemetry.metrics import Metrics
@@ -83,6 +83,9 @@ class Authorizer:
         self.denials = {reason: deny_decision(reason, key_headers) for reason in REASONS}
         self._allowed: dict[tuple[str, str], Decision] = {}
         self._allowed_generation = -1
+        # Parts of allow answers shared between keys (see _allow_answer).
+        self._tenant_parts: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {}
+        self._removed: dict[str, tuple[str]] = {}
 
     def check(self, request: CheckInput) -> Decision:
         # One policy snapshot and one route match for the whole decision, its audit
@@ -235,24 +238,30 @@ class Authorizer:
         allowed = self._allowed_now()
         decision = allowed.get((key.key_id, header))
         if decision is None:
-            decision = Decision(
-                allowed=True,
-                status=200,
-                reason="ok",
-                principal=Principal(tenant.id, tenant.tier, key.key_id),
-                upstream_headers=(
-                    ("x-tenant-id", tenant.id),
-                    ("x-tenant-tier", tenant.tier.value),
-                    ("x-api-key-id", key.key_id),
-                ),
-                remove_headers=(header,),
-            )
+            decision = self._allow_answer(key.key_id, tenant, header)
             if len(allowed) < MAX_CACHED_DECISIONS:
                 allowed[(key.key_id, header)] = decision
         if self.gate is None:
             return decision
         final = self.gate.apply(decision, request, policy, cost)
         return self.denials[final] if isinstance(final, str) else final
+
+    def _allow_answer(self, key_id: str, tenant: Tenant, header: str) -> Decision:
+        """The allow answer for one key, built once per key. Its parts that depend only on
+        the tenant or the header are shared between keys: with 100,000 keys cached,
+        every tuple per key is megabytes."""
+        tenant_part = self._tenant_parts.get(tenant.id)
+        if tenant_part is None:
+            tenant_part = (("x-tenant-id", tenant.id), ("x-tenant-tier", tenant.tier.value))
+            self._tenant_parts[tenant.id] = tenant_part
+        return Decision(
+            allowed=True,
+            status=200,
+            reason="ok",
+            principal=Principal(tenant.id, tenant.tier, key_id),
+            upstream_headers=(*tenant_part, ("x-api-key-id", key_id)),
+            remove_headers=self._removed.setdefault(header, (header,)),
+        )
 
     def _resolve(self, presented: str) -> Resolution | Decision:
         """The key's resolution, or the deny answer for a key that is not valid."""
@@ -281,6 +290,7 @@ class Authorizer:
             # A new dict, not clear(): a thread still holding the old one cannot put a
             # stale answer into the new generation.
             self._allowed, self._allowed_generation = {}, generation
+            self._tenant_parts = {}  # a tenant's tier may have changed
         return self._allowed
 
     def _has_bearer(self, request: CheckInput) -> bool:
