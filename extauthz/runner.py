@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with StopSignals() as signals:
         runtime = Runtime.open(settings)
         sidecar = Sidecar(runtime, args.mode)
+        sidecar.upkeep.freeze_heap = True  # a server process: see upkeep.py
         signals.on_reload = sidecar.reload_policy
         try:
             ports = sidecar.start()

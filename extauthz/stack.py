@@ -52,6 +52,7 @@ def _up(
     admin = parse_hostport(args.admin, "--admin")
     mode = args.mode or ("http" if runtime.settings.mode == "http" else "grpc")
     sidecar = Sidecar(runtime, mode)
+    sidecar.upkeep.freeze_heap = True  # a server process: see upkeep.py
     signals.on_reload = sidecar.reload_policy
     addresses = sidecar_addresses(runtime.settings, mode)
     ports = sidecar.start(
