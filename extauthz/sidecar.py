@@ -173,7 +173,9 @@ class Sidecar:
             # the Check threads; beyond 64 streams grpcio refuses with RESOURCE_EXHAUSTED.
             if settings.access_log == "fluentd":
                 host, port = parse_hostport(als_addr or settings.als_addr, "access-log address")
-                self.fluentd = FluentdReceiver(self._finished, settings.usage_headers)
+                # On the HTTP service's loop when its checks never wait on the network.
+                shared = self.http.loop if self.http and self.http.server.waits == INLINE else None
+                self.fluentd = FluentdReceiver(self._finished, settings.usage_headers, shared)
                 self.ports["als_port"] = self.fluentd.start(host, port)
             else:
                 self.als_server = GrpcServer([self.als.handler()], workers=64)
@@ -266,13 +268,16 @@ class Sidecar:
             self.health.enter_graceful_shutdown()
         if self.grpc is not None:
             self.grpc.stop(grace)
-        if self.http is not None:
-            self.http.stop(grace)
         # Entries for the checks just answered may still be in flight from Envoy.
+        linger = min(grace, 0.5)
+        fluentd = self.fluentd
+        if self.http is not None:
+            shared = fluentd is not None and fluentd.shared
+            self.http.stop(grace, (lambda: fluentd.close(linger)) if shared else None)  # type: ignore[union-attr]
         if self.als_server is not None:
-            self.als_server.stop(min(grace, 0.5))
-        if self.fluentd is not None:
-            self.fluentd.stop(min(grace, 0.5))
+            self.als_server.stop(linger)
+        if fluentd is not None:
+            fluentd.stop(linger)
 
     def stop(self) -> None:
         grace = self.runtime.settings.shutdown_grace

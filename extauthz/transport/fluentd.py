@@ -142,11 +142,20 @@ class _Stream(asyncio.Protocol):
 class FluentdReceiver:
     """Fluentd forward-mode access-log entries, on an event loop in a thread of its own."""
 
-    def __init__(self, finished: Finished, usage_headers: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        finished: Finished,
+        usage_headers: tuple[str, ...],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.finished = finished
         self.usage_keys = usage_keys(usage_headers)
         self.entries = 0  # entries handled since start (tests)
-        self.loop = suspend.new_event_loop()
+        # A running loop to share (the HTTP service's, when its checks never wait on the
+        # network): entries are then handled on the checks' own thread, with no GIL
+        # hand-off between two threads per message.
+        self.shared = loop is not None
+        self.loop = loop if loop is not None else suspend.new_event_loop()
         self.streams: set[_Stream] = set()
         self._server: asyncio.base_events.Server | None = None
         self._thread: Any = None
@@ -185,6 +194,9 @@ class FluentdReceiver:
             )
 
         try:
+            if self.shared:
+                self._server = asyncio.run_coroutine_threadsafe(listen(), self.loop).result(5)
+                return int(self._server.sockets[0].getsockname()[1])
             self._server = self.loop.run_until_complete(listen())
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -194,24 +206,27 @@ class FluentdReceiver:
         self._thread.start()
         return int(self._server.sockets[0].getsockname()[1])
 
+    async def close(self, linger: float) -> None:
+        """On the loop: stop accepting; keep reading for ``linger`` seconds (entries for
+        the checks just answered may still be on their way from Envoy), then hang up."""
+        if self._server is not None:
+            self._server.close()
+        await asyncio.sleep(linger)
+        for stream in list(self.streams):
+            if stream.transport is not None:
+                stream.transport.abort()
+        await asyncio.sleep(0)  # a turn of the loop, so the closed transports go
+
     def stop(self, linger: float) -> None:
-        """Stop accepting; keep reading for ``linger`` seconds (entries for the checks
-        just answered may still be on their way from Envoy), then hang up."""
+        """:meth:`close`, then the loop's thread ends (a shared loop's owner stops it:
+        it runs ``close`` itself, before its loop ends)."""
+        if self.shared:
+            return
         if self._thread is None:
             self.loop.close()
             return
-
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-            await asyncio.sleep(linger)
-            for stream in list(self.streams):
-                if stream.transport is not None:
-                    stream.transport.abort()
-            await asyncio.sleep(0)  # a turn of the loop, so the closed transports go
-
         try:
-            asyncio.run_coroutine_threadsafe(close(), self.loop).result(linger + 5)
+            asyncio.run_coroutine_threadsafe(self.close(linger), self.loop).result(linger + 5)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -342,12 +342,18 @@ class HttpAuthzThread:
         self._thread.start()
         return bound
 
-    def stop(self, grace: float) -> None:
+    def stop(
+        self, grace: float, then: Callable[[], Coroutine[Any, Any, None]] | None = None
+    ) -> None:
+        """Stop the server (in-flight checks answered within ``grace``), run ``then`` on
+        the loop if given (what else shares it), then end the loop."""
         if not self._thread.is_alive():
             self.loop.close()
             return
         done = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
         done.result(grace + 5)
+        if then is not None:
+            asyncio.run_coroutine_threadsafe(then(), self.loop).result(grace + 5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()

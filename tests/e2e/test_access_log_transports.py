@@ -88,6 +88,10 @@ def test_finished_requests_free_their_slot_and_are_billed_from_headers_or_traile
     assert counts == [(0, 0)] * 10 + [(70, 30)] + [(120, 180)] * 10
     assert not any(r.incomplete for r in records())
     assert {r.status for r in records()} == {200}
+    # fluentd, HTTP service, local counters: entries are read on the checks' own event
+    # loop (no thread of their own); the gRPC stream has its server's threads.
+    names = {t.read_text().strip() for t in Path(f"/proc/{stack.sidecar.pid}/task").glob("*/comm")}
+    assert ("extauthz-als" in names) == (stack.env["EXTAUTHZ_ACCESS_LOG"] == "grpc")
 
 
 def test_a_stream_cut_mid_load_still_bills_every_answered_request_once(
