@@ -176,7 +176,8 @@ AUTHZ_UNAVAILABLE: dict[str, Any] = {
         'is temporarily unavailable; retry shortly."}'
     },
     "body_format_override": {
-        "text_format": "%LOCAL_REPLY_BODY%",
+        # text_format_source, not text_format: Envoy 1.40 warns the latter is deprecated.
+        "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
         "content_type": "application/json",
     },
 }
