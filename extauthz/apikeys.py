@@ -65,10 +65,12 @@ class KeyResolver:
         # One entry per key, with the time it was read: fresh for ``ttl``, then kept up
         # to the hard age for use only while the store cannot answer (known keys keep
         # working through a short database outage). One cache, not a fresh one and a
-        # stale one: each cached item costs a few hundred bytes of bookkeeping.
-        self._hits: TTLCache[bytes, tuple[_Entry, float]] = TTLCache(
-            size, max(ttl, max_stale), timer=clock.monotonic
-        )
+        # stale one, and a plain dict rather than a TTLCache, whose bookkeeping (a
+        # link object and a second dict entry) cost ~140 bytes per key. Bounded by
+        # ``size``: the oldest read goes first.
+        self._size = size
+        self._max_age = max(ttl, max_stale)
+        self._hits: dict[bytes, tuple[_Entry, float]] = {}
         self._misses: TTLCache[bytes, bool] = TTLCache(size, negative_ttl, timer=clock.monotonic)
         # Ten keys of one tenant share one Tenant object rather than ten copies.
         self._tenants: dict[str, Tenant] = {}
@@ -157,15 +159,20 @@ class KeyResolver:
                 if hmac.compare_digest(key.key_hash, key_hash):
                     key.key_hash = key_hash
                 found = (key, tenant)
-                self._hits[key_hash] = (found, self.clock.monotonic())
+                hits = self._hits
+                hits.pop(key_hash, None)  # re-read: it moves to the young end
+                if len(hits) >= self._size:
+                    del hits[next(iter(hits))]
+                hits[key_hash] = (found, self.clock.monotonic())
         return found
 
     def _stale_entry(self, key_hash: bytes) -> _Entry | None:
         with self._lock:
             cached = self._hits.get(key_hash)
-            if cached is not None:
-                self.stats["stale"] += 1
-        return cached[0] if cached is not None else None
+            if cached is None or self.clock.monotonic() - cached[1] >= self._max_age:
+                return None
+            self.stats["stale"] += 1
+        return cached[0]
 
     @property
     def generation(self) -> int:

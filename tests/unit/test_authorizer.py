@@ -10,9 +10,10 @@ from extauthz.apikeys import APIKeyManager, KeyResolver
 from extauthz.authorizer import REASONS, Authorizer
 from extauthz.errors import StoreError
 from extauthz.keys import checksum, generate_key
-from extauthz.model import CheckInput, Decision
+from extauthz.model import CheckInput, Decision, TenantTier
 from extauthz.tenants import TenantManager
 from extauthz.testing import CountingStore, ManualClock
+from tests.conftest import PEPPER
 
 
 def check(authorizer: Authorizer, path: str = "/v1/items", **hdrs: str) -> Decision:
@@ -396,3 +397,21 @@ def test_public_route_matching_is_exact_or_prefix_only(resolver: KeyResolver) ->
     assert check(authorizer, path="/healthzz").reason == "missing_key"
     assert check(authorizer, path="/admin").reason == "missing_key"
     assert check(authorizer, path="/healthz?api_key=x").reason == "key_in_query"
+
+
+def test_the_key_cache_holds_at_most_its_size_and_drops_the_oldest_read(
+    store: CountingStore, clock: ManualClock, keys: APIKeyManager, tenants: TenantManager
+) -> None:
+    """With room for 2 keys, a third key's read drops the oldest: the first key needs
+    the store again, the two newest do not; one tenant's keys share one Tenant."""
+    tenants.create_tenant("acme", TenantTier.PROFESSIONAL, tenant_id="acme")
+    small = KeyResolver(store, PEPPER, clock, ttl=30, negative_ttl=5, size=2)
+    presented = [keys.create_key("acme", f"k{i}")[1] for i in range(3)]
+    for key in presented:
+        assert small.resolve(key).reason is None
+    assert store.lookups == 3
+    assert [small.resolve(k).reason for k in presented[1:]] == [None, None]
+    assert store.lookups == 3  # both still cached
+    first, second = small.resolve(presented[0]), small.resolve(presented[2])
+    assert store.lookups == 4  # the first was dropped, and read again
+    assert first.tenant is second.tenant
