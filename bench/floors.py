@@ -78,14 +78,19 @@ class Floor:
         return self.proc.pid
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc, 10)
+
+
+def stop_process(proc: subprocess.Popen[str], grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; its stdout pipe closed."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 class NginxFloor(Floor):

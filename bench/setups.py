@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.floors import Floor, GrpcFloor, NginxFloor
+from bench.floors import Floor, GrpcFloor, NginxFloor, stop_process
 from extauthz.envoyconf import ROUTER, render
 from extauthz.launcher import EnvoyProcess
 
@@ -173,14 +173,7 @@ class Sidecar:
         return self.proc.pid
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc, 20)
 
 
 class Running:

@@ -5,6 +5,7 @@ upkeep.py; the signals that stop it or reload its policy, in signals.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -272,8 +273,11 @@ class Sidecar:
         linger = min(grace, 0.5)
         fluentd = self.fluentd
         if self.http is not None:
-            shared = fluentd is not None and fluentd.shared
-            self.http.stop(grace, (lambda: fluentd.close(linger)) if shared else None)  # type: ignore[union-attr]
+            # A fluentd receiver on the HTTP loop closes before that loop ends.
+            then = None
+            if fluentd is not None and fluentd.shared:
+                then = functools.partial(fluentd.close, linger)
+            self.http.stop(grace, then)
         if self.als_server is not None:
             self.als_server.stop(linger)
         if fluentd is not None:

@@ -187,35 +187,25 @@ class MemoryCounters(Counters):
 
     def release(self, lease_id: str, actual_tokens: int | None = None) -> Settlement | None:
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
-                return None
-            held = self._held.get(lease.ask.tenant_id)
-            if held is not None:
-                held.pop(lease_id, None)
-            ask = lease.ask
-            if actual_tokens is not None and actual_tokens != ask.tokens:
-                self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
-        return _settlement(ask, actual_tokens)
+            return self._release(lease_id, actual_tokens)
 
     def release_many(self, releases: Sequence[Release]) -> list[Settlement | None]:
         """:meth:`release` for one access-log message, under one lock."""
-        settled: list[Settlement | None] = []
-        leases, held_by = self._leases, self._held
         with self._lock:
-            for lease_id, actual_tokens, _ in releases:
-                lease = leases.pop(lease_id, None)
-                if lease is None:
-                    settled.append(None)
-                    continue
-                ask = lease.ask
-                held = held_by.get(ask.tenant_id)
-                if held is not None:
-                    held.pop(lease_id, None)
-                if actual_tokens is not None and actual_tokens != ask.tokens:
-                    self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
-                settled.append(_settlement(ask, actual_tokens))
-        return settled
+            return [self._release(r.lease_id, r.actual_tokens) for r in releases]
+
+    def _release(self, lease_id: str, actual_tokens: int | None) -> Settlement | None:
+        """The caller holds the lock."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        ask = lease.ask
+        held = self._held.get(ask.tenant_id)
+        if held is not None:
+            held.pop(lease_id, None)
+        if actual_tokens is not None and actual_tokens != ask.tokens:
+            self._count(ask.tenant_id, ask.day, 0, actual_tokens - ask.tokens)
+        return _settlement(ask, actual_tokens)
 
     def end_leases(self) -> list[Settlement]:
         with self._lock:

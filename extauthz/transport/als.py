@@ -10,7 +10,7 @@ server: a long-lived stream must never hold a thread that Check calls need.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -63,6 +63,28 @@ def usage_count(value: str, name: str) -> int | None:
     return min(int(text), MAX_TOKENS)
 
 
+def finish_each(
+    entries: Iterable[Any], parse: Callable[[Any], Completion | None], finished: Finished
+) -> None:
+    """One access-log message, whatever its transport: each entry parsed (one bad entry
+    is logged and skipped: it must not end the stream and strand every later slot),
+    then the finished requests handed on together."""
+    batch = []
+    for entry in entries:
+        try:
+            done = parse(entry)
+        except Exception:
+            log.exception("access-log entry failed")
+            continue
+        if done is not None:
+            batch.append(done)
+    if batch:
+        try:
+            finished(batch)
+        except Exception:
+            log.exception("access-log batch failed")
+
+
 class AccessLogReceiver:
     def __init__(self, finished: Finished, usage_headers: tuple[str, ...]) -> None:
         self.finished = finished
@@ -77,21 +99,7 @@ class AccessLogReceiver:
                 message = als_pb2.StreamAccessLogsMessage.FromString(data)
             except DecodeError:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a StreamAccessLogsMessage")
-            batch = []
-            for entry in message.http_logs.log_entry:
-                try:
-                    done = self._entry(entry)
-                except Exception:
-                    # One bad entry must not end the stream and strand every later slot.
-                    log.exception("access-log entry failed")
-                    continue
-                if done is not None:
-                    batch.append(done)
-            if batch:
-                try:
-                    self.finished(batch)
-                except Exception:
-                    log.exception("access-log batch failed")
+            finish_each(message.http_logs.log_entry, self._entry, self.finished)
         return self._empty
 
     def _entry(self, entry: Any) -> Completion | None:

@@ -20,7 +20,13 @@ import msgpack
 from extauthz import suspend
 from extauthz.model import Completion
 from extauthz.threadnames import named
-from extauthz.transport.als import MAX_TOKENS, TENANT_HEADER, Finished, usage_count
+from extauthz.transport.als import (
+    MAX_TOKENS,
+    TENANT_HEADER,
+    Finished,
+    finish_each,
+    usage_count,
+)
 
 log = logging.getLogger("extauthz.als")
 
@@ -168,22 +174,11 @@ class FluentdReceiver:
         entries = message[1]
         if not isinstance(entries, list | tuple):
             raise ValueError("only forward mode (a list of entries) is understood")
-        batch = []
-        keys = self.usage_keys
-        for entry in entries:
-            self.entries += 1
-            try:
-                done = completion(entry[1], keys)
-            except Exception:
-                log.exception("access-log entry failed")  # one bad entry, not the stream
-                continue
-            if done is not None:
-                batch.append(done)
-        if batch:
-            try:
-                self.finished(batch)
-            except Exception:
-                log.exception("access-log batch failed")
+        self.entries += len(entries)
+        finish_each(entries, self._entry, self.finished)
+
+    def _entry(self, entry: Any) -> Completion | None:
+        return completion(entry[1], self.usage_keys)
 
     def start(self, host: str, port: int) -> int:
         import threading
