@@ -67,12 +67,15 @@ def measure(
         headers = {"x-api-key": key}
         wrk(running.url, 1, headers)  # warm-up: connections, caches
         uses_redis = bool(backends(setup))
+        front = running.front.proc.pid if running.front and running.front.proc else 0
+        envoy_before = cpu_seconds(front)
         before = cpu_seconds(pid) if pid else 0.0
         threads = thread_cpu(pid) if sidecar and pid else {}
         switches = context_switches(pid) if pid else 0
         redis_before = redis_cpu_seconds() if uses_redis else 0.0
         peak = wrk(running.url, seconds, headers)
         after = cpu_seconds(pid) if pid else 0.0
+        envoy_after = cpu_seconds(front)
         groups = cpu_by_group(threads, thread_cpu(pid)) if sidecar and pid else {}
         if pid:
             switches = context_switches(pid) - switches
@@ -90,6 +93,7 @@ def measure(
         "bad": peak.bad,
         "requests": peak.requests,
         "cpu_us_per_check": (after - before) * per_request if pid else None,
+        "envoy_us_per_request": (envoy_after - envoy_before) * per_request,
         # The sidecar's CPU per request split by thread: the access-log entry (one per
         # request), the usage/audit writers, and the check with everything else.
         "als_us_per_entry": groups["als"] * per_request if groups else None,
@@ -150,7 +154,9 @@ def summarize(
         for field in runs[0]:
             values = [r[field] for r in runs if r[field] is not None]
             med[field] = statistics.median(values) if values else None
-        med["ratio"] = statistics.median(r[setup]["rps"] / r["A"]["rps"] for r in rounds)
+        ratios = [r[setup]["rps"] / r["A"]["rps"] for r in rounds]
+        med["ratio"] = statistics.median(ratios)
+        med["ratio_range"] = (min(ratios), max(ratios))
         # Redis (and PostgreSQL) against the same transport on memory, round by round.
         memory = setup[0]
         med["vs_memory"] = (
@@ -163,7 +169,9 @@ def summarize(
         floor = FLOOR_OF.get(setup[0])
         if floor in chosen and setup not in FLOOR_OF.values():
             med["floor"] = floor
-            med["vs_floor"] = statistics.median(r[setup]["rps"] / r[floor]["rps"] for r in rounds)
+            shares = [r[setup]["rps"] / r[floor]["rps"] for r in rounds]
+            med["vs_floor"] = statistics.median(shares)
+            med["vs_floor_range"] = (min(shares), max(shares))
             med["cpu_vs_floor"] = statistics.median(
                 r[setup]["cpu_us_per_check"] / r[floor]["cpu_us_per_check"] for r in rounds
             )
@@ -214,8 +222,10 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
         print("\nagainst the transport floor (same round, medians): req/s share and sidecar CPU")
         for setup, s in floored:
             floor = summary[s["floor"]]
+            low, high = s["vs_floor_range"]
             print(
-                f"  {setup + ' ' + SETUPS[setup]:40} {s['vs_floor']:5.2f} of {s['floor']} req/s, "
+                f"  {setup + ' ' + SETUPS[setup]:40} {s['vs_floor']:5.2f} "
+                f"({low:.2f}-{high:.2f}) of {s['floor']} req/s, "
                 f"CPU {s['cpu_us_per_check']:.0f} us = {s['cpu_vs_floor']:.2f}x "
                 f"{s['floor']}'s {floor['cpu_us_per_check']:.0f} us"
             )
@@ -227,6 +237,14 @@ def print_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
                 f"  {setup + ' ' + SETUPS[setup]:40} {s['checks_us_per_request']:5.0f} + "
                 f"{s['als_us_per_entry']:5.0f} + {s['writers_us_per_request']:5.0f}"
             )
+    print(
+        "\nthe front Envoy's CPU per request (us; it shares the cores with the sidecar),"
+        " and each setup's xA range over the rounds"
+    )
+    for setup, s in summary.items():
+        low, high = s["ratio_range"]
+        envoy = s["envoy_us_per_request"]
+        print(f"  {setup + ' ' + SETUPS[setup]:40} {envoy:5.0f}   {low:.2f}-{high:.2f}")
     for note in meta.get("notes", []):
         print(f"note: {note}")
     spread = meta.get("a_spread")
@@ -255,7 +273,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--setups",
-        default="A,B,FG,FH,C,D",
+        default="A,B,FG,FH,C,CB,D",
         help=f"comma-separated, from {','.join(SETUPS)} (A always runs: it is the baseline)",
     )
     parser.add_argument("--output", help="JSON results file (default bench/results/<time>.json)")

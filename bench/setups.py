@@ -3,6 +3,7 @@
 A  Envoy -> backend, no auth (the baseline every ratio is taken against)
 B  Envoy's in-process api_key_auth + local_ratelimit -> backend (the built-in alternative)
 C  Envoy + extauthz over gRPC -> backend
+CB Envoy + extauthz over gRPC through Envoy's reverse bridge to the HTTP service
 D  Envoy + extauthz over the HTTP service -> backend
 CF, DF  the same with the access log over Envoy's fluentd logger (EXTAUTHZ_ACCESS_LOG)
 FG, FH  the transport floors: Envoy ext_authz to an authorizer that only answers OK
@@ -37,6 +38,7 @@ SETUPS = {
     "B": "Envoy api_key_auth + local_ratelimit",
     "C": "Envoy + extauthz gRPC",
     "D": "Envoy + extauthz HTTP service",
+    "CB": "Envoy + extauthz gRPC, bridged to HTTP",
     "FG": "floor: ext_authz gRPC -> bare grpcio",
     "FH": "floor: ext_authz HTTP -> nginx 200",
     # The access log over Envoy's fluentd logger instead of the gRPC service.
@@ -112,7 +114,7 @@ def front_config(
     *,
     access_log: str = "grpc",
 ) -> dict[str, Any]:
-    mode = "http" if setup in ("D", "FH") else "grpc"
+    mode = "http" if setup in ("D", "FH") else "bridge" if setup == "CB" else "grpc"
     config = render(
         access_log=access_log,
         listen=("127.0.0.1", 0),
@@ -138,6 +140,7 @@ class Sidecar:
     def __init__(self, mode: str, env: dict[str, str], workdir: Path, workers: int = 1) -> None:
         self.mode = mode
         self.log = workdir / f"sidecar-{mode}.log"
+        transport = "grpc" if mode == "grpc" else "http"  # bridge: the HTTP service
         args = [
             sys.executable,
             "-m",
@@ -145,7 +148,7 @@ class Sidecar:
             "serve",
             "--mode",
             mode,
-            f"--{mode}-addr",
+            f"--{transport}-addr",
             "127.0.0.1:0",
             "--als-addr",
             "127.0.0.1:0",
@@ -163,7 +166,7 @@ class Sidecar:
         if not line:
             raise RuntimeError(f"sidecar did not start: {self.log.read_text()}")
         ready = json.loads(line)
-        self.ports: list[int] = ready.get(f"{mode}_ports") or [ready[f"{mode}_port"]]
+        self.ports: list[int] = ready.get(f"{transport}_ports") or [ready[f"{transport}_port"]]
         # With several workers Envoy's one access-log stream reaches one of them: the
         # others free their slots by lease expiry (the bench tenant's limits are huge).
         self.als_port: int = ready["als_port"]
@@ -182,7 +185,7 @@ class Running:
     def __init__(self, setup: str, workdir: Path, env: dict[str, str], key: str) -> None:
         self.setup = setup
         floor = setup in ("FG", "FH")
-        base = setup[0]
+        base = "CB" if setup.startswith("CB") else setup[0]
         workers = int("".join(c for c in setup if c.isdigit()) or 1)
         access_log = "fluentd" if not floor and "F" in setup[1:] else "grpc"
         if access_log == "fluentd":
@@ -200,8 +203,9 @@ class Running:
                 self.floor = GrpcFloor(workdir) if setup == "FG" else NginxFloor(workdir)
                 authz_ports = [self.floor.port]
                 base = setup
-            elif base in ("C", "D"):
-                self.sidecar = Sidecar("grpc" if base == "C" else "http", env, workdir, workers)
+            elif base in ("C", "D", "CB"):
+                mode = {"C": "grpc", "D": "http", "CB": "bridge"}[base]
+                self.sidecar = Sidecar(mode, env, workdir, workers)
                 authz_ports = self.sidecar.ports
                 als_port = self.sidecar.als_port
             config = front_config(

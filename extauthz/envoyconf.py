@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from extauthz import envoybridge
 from extauthz.errors import ConfigError
 
 HCM = (
@@ -223,9 +224,9 @@ def render(
             "allow_partial_message": False,
             "pack_as_bytes": True,
         }
-    if mode == "grpc":
+    if mode in ("grpc", "bridge"):
         ext_authz["grpc_service"] = {
-            "envoy_grpc": {"cluster_name": "extauthz"},
+            "envoy_grpc": {"cluster_name": "extauthz" if mode == "grpc" else envoybridge.NAME},
             "timeout": f"{timeout}s",
         }
     elif mode == "http":
@@ -244,7 +245,7 @@ def render(
             },
         }
     else:
-        raise ConfigError(f"Envoy config mode must be grpc or http, not {mode!r}")
+        raise ConfigError(f"Envoy config mode must be grpc, http or bridge, not {mode!r}")
     hcm = {
         "@type": HCM,
         "stat_prefix": "ingress",
@@ -280,7 +281,7 @@ def render(
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
         ],
     }
-    return {
+    config: dict[str, Any] = {
         # The admin interface can stop Envoy and dump its config: loopback only.
         "admin": {"address": _address(*admin)},
         "static_resources": {
@@ -321,6 +322,14 @@ def render(
             ],
         },
     }
+    if mode == "bridge":
+        config["bootstrap_extensions"] = [envoybridge.INTERNAL_LISTENER]
+        resources = config["static_resources"]
+        resources["listeners"].append(envoybridge.listener(HCM, ROUTER, timeout))
+        bridge = envoybridge.cluster(HTTP_OPTIONS)
+        bridge["circuit_breakers"] = resources["clusters"][1]["circuit_breakers"]
+        resources["clusters"].append(bridge)
+    return config
 
 
 def _access_log(usage_headers: tuple[str, ...], protocol: str = "grpc") -> dict[str, Any]:

@@ -66,7 +66,7 @@ def _spawn_worker(
     cmd = [sys.executable, "-m", "extauthz", "serve", "--json", "--workers", "1", "--mode", mode]
     if mode in ("grpc", "both"):
         cmd += ["--grpc-addr", _worker_addr(settings.grpc_addr, index)]
-    if mode in ("http", "both"):
+    if mode in ("http", "both", "bridge"):
         cmd += ["--http-addr", _worker_addr(settings.http_addr, index)]
     cmd += ["--als-addr", _worker_addr(settings.als_addr, index)]
     metrics = settings.metrics_addr
@@ -138,7 +138,8 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument(
         "--mode",
         choices=MODES,
-        help="grpc (Check v3), http (Envoy's http_service) or both (EXTAUTHZ_MODE)",
+        help="grpc (Check v3), http (Envoy's http_service), both, or bridge (gRPC Check "
+        "through Envoy's grpc_http1_reverse_bridge to the HTTP service) (EXTAUTHZ_MODE)",
     )
     c.add_argument("--grpc-addr", metavar="HOST:PORT", help="gRPC address (EXTAUTHZ_GRPC_ADDR)")
     c.add_argument("--http-addr", metavar="HOST:PORT", help="HTTP address (EXTAUTHZ_HTTP_ADDR)")

@@ -20,7 +20,7 @@ import yaml
 from extauthz.errors import ConfigError, redact
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?")
-MODES = ("grpc", "http", "both")
+MODES = ("grpc", "http", "both", "bridge")  # bridge: envoybridge.py
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # counters_url: shared counters
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 

@@ -162,12 +162,13 @@ class Sidecar:
                 )
                 self.health = self.grpc.add_health()
                 self.ports["grpc_port"] = self.grpc.bind(addr)
-            if self.mode in ("http", "both"):
+            if self.mode in ("http", "both", "bridge"):
                 host, port = parse_hostport(http_addr or settings.http_addr, "http address")
                 self.http = HttpAuthzThread(
                     self.authorizer,
                     self.authorizer.metrics,
                     waits=http_waits(self.runtime),
+                    bridge=self.mode == "bridge",
                 )
                 self.ports["http_port"] = self.http.start(host, port)
             # One thread per open stream (Envoy opens one per worker thread), apart from

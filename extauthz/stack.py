@@ -33,12 +33,21 @@ def sidecar_addresses(settings: Settings, mode: str) -> dict[str, str]:
     """Where `up` and `demo` run the sidecar: the addresses the settings (or flags)
     give, like `serve`; the ones not given on a free loopback port, since `up` writes
     Envoy's config itself and needs no fixed port."""
-    names = {"grpc": "grpc_addr", "http": "http_addr"}
+    names = {"grpc": "grpc_addr", "http": "http_addr", "bridge": "http_addr"}
     chosen = {}
     for name in (names[mode], "als_addr", "metrics_addr"):
         given = settings.is_given(name)
         chosen[name] = getattr(settings, name) if given else ANY_PORT
     return chosen
+
+
+def _default_mode(settings: Settings) -> str:
+    """`up` renders both sides, so by default it takes the bridge: Envoy's gRPC client
+    and its answers, at the HTTP service's cost (docs/benchmarks.md). A mode the
+    settings give (but `both`) is kept."""
+    if settings.is_given("mode") and settings.mode != "both":
+        return settings.mode
+    return "bridge"
 
 
 def _up(
@@ -50,7 +59,7 @@ def _up(
 ) -> int:
     listen = parse_hostport(args.listen, "--listen")
     admin = parse_hostport(args.admin, "--admin")
-    mode = args.mode or ("http" if runtime.settings.mode == "http" else "grpc")
+    mode = args.mode or _default_mode(runtime.settings)
     sidecar = Sidecar(runtime, mode)
     sidecar.upkeep.freeze_heap = True  # a server process: see upkeep.py
     signals.on_reload = sidecar.reload_policy
@@ -61,7 +70,8 @@ def _up(
         addresses["als_addr"],
         addresses["metrics_addr"],
     )
-    authz = (_loopback(addresses[f"{mode}_addr"]), ports[f"{mode}_port"])
+    name = "grpc" if mode == "grpc" else "http"  # bridge: Envoy reaches the HTTP service
+    authz = (_loopback(addresses[f"{name}_addr"]), ports[f"{name}_port"])
     config = render(
         listen=listen,
         upstream=upstream,
@@ -209,7 +219,7 @@ def policy_options(settings: Settings, policy: Policy) -> dict[str, Any]:
 
 
 def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
-    default = settings.http_addr if args.mode == "http" else settings.grpc_addr
+    default = settings.http_addr if args.mode in ("http", "bridge") else settings.grpc_addr
     authz = [parse_hostport(a, "--authz") for a in (args.authz or [default])]
     als = [parse_hostport(a, "--als") for a in (args.als or [settings.als_addr])]
     policy = load_policy(settings.policy_file) if settings.policy_file else Policy()
@@ -254,9 +264,10 @@ def _envoy_options(cmd: Any, listen_default: str) -> None:
     )
     cmd.add_argument(
         "--mode",
-        choices=("grpc", "http"),
-        help="how Envoy calls extauthz: gRPC Check or the HTTP service (default grpc, "
-        "or http when EXTAUTHZ_MODE=http)",
+        choices=("bridge", "grpc", "http"),
+        help="how Envoy calls extauthz: gRPC Check bridged by Envoy to the HTTP service "
+        "(the default, unless EXTAUTHZ_MODE says otherwise), gRPC Check, or the HTTP "
+        "service",
     )
     for flag, setting in (
         ("grpc-addr", "GRPC_ADDR"),
@@ -293,7 +304,13 @@ def add_commands(sub: Any, add: Any) -> None:
     c.add_argument("--upstream", default="127.0.0.1:8000", metavar="HOST:PORT")
     c.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
     c.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT")
-    c.add_argument("--mode", choices=("grpc", "http"), default="grpc", help="default grpc")
+    c.add_argument(
+        "--mode",
+        choices=("grpc", "http", "bridge"),
+        default="grpc",
+        help="default grpc; bridge: gRPC Check through Envoy's reverse bridge to the HTTP "
+        "service (--authz is then its HTTP address)",
+    )
     c.add_argument(
         "--authz",
         action="append",

@@ -23,6 +23,7 @@ from extauthz.model import CheckInput, Decision
 from extauthz.telemetry.metrics import Metrics
 from extauthz.threadnames import named
 from extauthz.transport import EncodedAnswers, last_value
+from extauthz.transport.bridge import BridgeAnswers, read_bridged
 
 log = logging.getLogger("extauthz.http")
 
@@ -133,7 +134,12 @@ class _Protocol(asyncio.Protocol):
     def _answer(self) -> None:
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         try:
-            payload = self._payload(self.server.check(self._input()), keep_alive)
+            request = self._input()
+            payload = (
+                self._payload(self.server.check(request), keep_alive)
+                if request is not None
+                else self.server.invalid
+            )
         except Exception:
             log.exception("check failed")  # fail closed with an explicit answer
             payload = self.server.internal_error
@@ -141,6 +147,8 @@ class _Protocol(asyncio.Protocol):
         self._reply(payload, close=not keep_alive)
 
     def _payload(self, decision: Decision, keep_alive: bool) -> bytes:
+        if self.server.bridge is not None:
+            return self.server.bridge(decision, keep_alive)
         if decision.base is not None and not decision.body and keep_alive:
             return self.server.with_headers(decision.base, decision.client_headers)
         return self.server.encode(decision) if keep_alive else render(decision, False)
@@ -153,6 +161,9 @@ class _Protocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive() and not self.server.closing
         request = self._input()
         self._reset()
+        if request is None:
+            self._reply(self.server.invalid, close=not keep_alive)
+            return
         if self.server.waiting >= self.server.max_waiting:
             # Past this many checks waiting on Redis or PostgreSQL, more would only
             # wait longer than Envoy does: answer at once, explicitly.
@@ -208,7 +219,14 @@ class _Protocol(asyncio.Protocol):
         if self.head_bytes > MAX_HEAD_BYTES:
             raise ValueError("request head too large")
 
-    def _input(self) -> CheckInput:
+    def _input(self) -> CheckInput | None:
+        if self.server.bridge is not None:
+            return read_bridged(
+                self.parser.get_method(),
+                self.url.decode("utf-8", "replace"),
+                self.headers.get("content-type"),
+                b"".join(self.body),
+            )
         return CheckInput(
             method=self.parser.get_method().decode("latin-1"),
             path=self.url.decode("utf-8", "replace"),
@@ -248,6 +266,7 @@ class HttpAuthzServer:
         metrics: Metrics | None = None,
         waits: str = INLINE,
         max_waiting: int = 1024,
+        bridge: bool = False,
     ) -> None:
         self.metrics = metrics
         # INLINE: checks run on the loop (microseconds with local counters and SQLite).
@@ -275,6 +294,14 @@ class HttpAuthzServer:
         )
         # Keep-alive answers; `connection: close` ones are rare and rendered each time.
         self.encode = EncodedAnswers(render)
+        # Only gRPC checks through Envoy's reverse bridge (bridge.py), answered as
+        # CheckResponses; plain HTTP checks only otherwise.
+        self.bridge = bridge_answers = BridgeAnswers(denials) if bridge else None
+        self.invalid = self.bad_request
+        if bridge_answers is not None:
+            self.invalid = bridge_answers.invalid
+            self.overloaded = bridge_answers.overloaded
+            self.internal_error = bridge_answers.internal_error
         self.connections: set[_Protocol] = set()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
@@ -328,10 +355,11 @@ class HttpAuthzThread:
         metrics: Metrics | None = None,
         waits: str = INLINE,
         max_waiting: int = 1024,
+        bridge: bool = False,
     ) -> None:
         import threading
 
-        self.server = HttpAuthzServer(authorizer, metrics, waits, max_waiting)
+        self.server = HttpAuthzServer(authorizer, metrics, waits, max_waiting, bridge)
         self.loop = suspend.new_event_loop()
         self._thread = threading.Thread(
             target=named("extauthz-http", self.loop.run_forever), name="extauthz-http", daemon=True

@@ -36,7 +36,12 @@ def start_sidecar(
     """`extauthz serve --mode MODE` on free ports; returns the process, its check port and
     its access-log port."""
     proc, ports = start_sidecar_ports(env, log, mode)
-    return proc, ports[f"{mode}_port"], ports["als_port"]
+    return proc, ports[check_port_name(mode)], ports["als_port"]
+
+
+def check_port_name(mode: str) -> str:
+    """The ready line's name for the port Envoy's checks go to (bridge: the HTTP one)."""
+    return "grpc_port" if mode == "grpc" else "http_port"
 
 
 def start_sidecar_ports(
@@ -49,7 +54,7 @@ def start_sidecar_ports(
                 "serve",
                 "--mode",
                 mode,
-                f"--{mode}-addr",
+                f"--{check_port_name(mode)[:-5]}-addr",
                 "127.0.0.1:0",
                 "--als-addr",
                 "127.0.0.1:0",
@@ -96,7 +101,7 @@ class Stack:
     made: list[str] = field(default_factory=list)
     keys_made: list[str] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)  # the sidecar's, by name
-    mode: str = "grpc"  # how Envoy calls the sidecar: grpc or http
+    mode: str = "grpc"  # how Envoy calls the sidecar: grpc, http or bridge
 
     def new_key(self, tier: TenantTier = TenantTier.STARTER) -> tuple[str, str, str]:
         """A fresh tenant and key: (tenant_id, key_id, key). Made in this test process, which
@@ -160,7 +165,7 @@ def running_stack(
     runtime = Runtime.open(load_settings(environ=env))
     backend = (backend or EchoBackend()).start()
     sidecar, ports = start_sidecar_ports(env, data / "sidecar.log", mode)
-    authz_port, als_port = ports[f"{mode}_port"], ports["als_port"]
+    authz_port, als_port = ports[check_port_name(mode)], ports["als_port"]
     config = render(
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", backend.port),
@@ -198,11 +203,12 @@ def running_stack(
     assert code == 0, "extauthz serve did not stop cleanly"
 
 
-@pytest.fixture(scope="module", params=["grpc", "http"])
+@pytest.fixture(scope="module", params=["grpc", "http", "bridge"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """The whole stack, once with Envoy calling us over gRPC and once over HTTP."""
+    """The whole stack, with Envoy calling us over gRPC, over HTTP, and over gRPC
+    bridged by Envoy to the HTTP service."""
     mode = request.param
     data = tmp_path_factory.mktemp(f"stack-{mode}")
     with running_stack(data, mode, "routes:\n  - path: /healthz\n    public: true\n") as s:

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_benchmark_runs_every_setup_without_errors(tmp_path: Path) -> None:
-    """A, B, C, D and the two transport floors (FG, a bare grpcio handler; FH, nginx
-    when installed) each serve traffic with zero non-2xx answers; C and D are reported
-    against their floor and split by thread (checks, access log, writers); the
+    """A, B, C, CB (gRPC through the bridge), D and the two transport floors (FG, a bare
+    grpcio handler; FH, nginx when installed) each serve traffic with zero non-2xx
+    answers; C, CB and D are reported against their floor and split by thread (checks,
+    access log, writers), with the front Envoy's CPU per request; the
     sidecar-alone direct mode runs for HTTP and gRPC; results land in the JSON file."""
     if not (shutil.which("wrk") and shutil.which("h2load")):
         if os.environ.get("CI"):
@@ -44,18 +45,20 @@ def test_quick_benchmark_runs_every_setup_without_errors(tmp_path: Path) -> None
     if not have_nginx and os.environ.get("CI"):
         pytest.fail("CI must install nginx-light for the HTTP floor (see .ci/run)")
     floors = {"FG", "FH"} if have_nginx else {"FG"}
-    assert set(record["summary"]) == {"A", "B", "C", "D"} | floors
+    assert set(record["summary"]) == {"A", "B", "C", "CB", "D"} | floors
     for setup, summary in record["summary"].items():
         assert summary["requests"] > 0, setup
         assert summary["bad_total"] == 0, setup
+        assert summary["envoy_us_per_request"] > 0, setup
     for mode in ("http", "grpc"):
         assert record["direct"][mode]["checks_per_s"] > 0
         assert record["direct"][mode]["bad"] == 0
     assert record["core"]["decision_cache_hit_us"] > 0
     assert "A Envoy -> backend" in result.stdout
-    assert record["summary"]["C"]["floor"] == "FG"
-    assert record["summary"]["C"]["vs_floor"] > 0
-    for setup in ("C", "D"):
+    for setup in ("C", "CB"):
+        assert record["summary"][setup]["floor"] == "FG"
+        assert record["summary"][setup]["vs_floor"] > 0
+    for setup in ("C", "CB", "D"):
         split = record["summary"][setup]
         assert split["als_us_per_entry"] > 0, setup  # the access-log thread was found
         assert split["checks_us_per_request"] > 0, setup

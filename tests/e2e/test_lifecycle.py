@@ -35,7 +35,7 @@ def clean_env(data: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml"])
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml", "envoy-bridge.yaml"])
 def test_repo_envoy_config_validates_with_real_envoy(name: str) -> None:
     """envoy/*.yaml pass `envoy --mode validate` (Envoy 1.40 from the wheel)."""
     result = subprocess.run(
@@ -49,7 +49,7 @@ def test_repo_envoy_config_validates_with_real_envoy(name: str) -> None:
     assert "OK" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml"])
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml", "envoy-bridge.yaml"])
 def test_repo_envoy_config_is_explicit_about_failure_handling(name: str) -> None:
     """The shipped configs state fail-closed, the status on error, a timeout, and the
     edge settings that keep x-request-id and paths trustworthy."""
@@ -66,7 +66,7 @@ def test_repo_envoy_config_is_explicit_about_failure_handling(name: str) -> None
         assert needle in text, needle
 
 
-@pytest.mark.parametrize("mode", ["grpc", "http"])
+@pytest.mark.parametrize("mode", ["grpc", "http", "bridge"])
 def test_sidecar_down_means_503_never_allow(tmp_path: Path, mode: str) -> None:
     """With nothing listening on the ext_authz port, Envoy answers 503 and the backend is
     never reached (failure_mode_allow: false); the 503 is a JSON reason with Retry-After
@@ -99,7 +99,7 @@ def test_sidecar_down_means_503_never_allow(tmp_path: Path, mode: str) -> None:
         backend.stop()
 
 
-@pytest.mark.parametrize("mode", ["grpc", "http"])
+@pytest.mark.parametrize("mode", ["grpc", "http", "bridge"])
 def test_sigterm_stops_serve_cleanly(tmp_path: Path, mode: str) -> None:
     """`extauthz serve` exits 0 on SIGTERM and logs that it stopped."""
     log = tmp_path / "serve.log"
@@ -147,7 +147,7 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-@pytest.mark.parametrize("mode", ["grpc", "http"])
+@pytest.mark.parametrize("mode", ["bridge", "grpc", "http"])
 def test_demo_shows_401_without_key_and_200_with_it(tmp_path: Path, mode: str) -> None:
     """`extauthz demo` starts backend + Envoy + sidecar and its printed key works; Ctrl-C
     (SIGINT) stops everything with exit 0."""
@@ -167,6 +167,7 @@ def test_the_demo_key_dies_with_the_demo_and_leaves_nothing_in_the_store(tmp_pat
     directory a later `up` uses has no demo tenant, and the demo key is unknown there."""
     env = clean_env(tmp_path)
     with launched(env, "demo", "--listen", "127.0.0.1:0") as (_, ready):
+        assert ready["mode"] == "bridge", "the default: gRPC checks at the HTTP service's cost"
         key = ready["key"]
         assert Path(ready["store"]).is_dir()
     assert not Path(ready["store"]).exists()

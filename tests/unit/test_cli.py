@@ -149,13 +149,17 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "authz", "name"),
-    [("grpc", "127.0.0.1:9001", "envoy.yaml"), ("http", "127.0.0.1:9002", "envoy-http.yaml")],
+    [
+        ("grpc", "127.0.0.1:9001", "envoy.yaml"),
+        ("http", "127.0.0.1:9002", "envoy-http.yaml"),
+        ("bridge", "127.0.0.1:9002", "envoy-bridge.yaml"),
+    ],
 )
 def test_envoy_config_in_repo_matches_renderer(
     capsys: pytest.CaptureFixture[str], mode: str, authz: str, name: str
 ) -> None:
-    """envoy/envoy.yaml and envoy/envoy-http.yaml are exactly what `extauthz envoy-config`
-    prints for the defaults, so the shipped files and `up` never drift apart."""
+    """envoy/envoy.yaml, envoy-http.yaml and envoy-bridge.yaml are exactly what `extauthz
+    envoy-config` prints for the defaults, so the shipped files and `up` never drift apart."""
     code, out, _ = run(capsys, "envoy-config", "--mode", mode, "--authz", authz)
     root = Path(__file__).resolve().parents[2]
     assert code == 0
