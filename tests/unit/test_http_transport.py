@@ -211,3 +211,25 @@ def test_offloaded_checks_do_not_stall_other_connections(
     finally:
         store.gate.set()
         server.stop(1)
+
+
+def test_encoded_answers_keep_the_hot_keys_only_and_stay_correct_past_the_bound() -> None:
+    """The transports' cache of encoded answers is bounded (memory per cached key): past
+    the bound it starts afresh, and every answer is still the decision's own encoding."""
+    from extauthz.transport import EncodedAnswers
+
+    encoded: list[str] = []
+
+    def encode(decision: Decision) -> bytes:
+        encoded.append(decision.reason)
+        return decision.reason.encode()
+
+    answers = EncodedAnswers(encode, limit=3)
+    decisions = [Decision(True, 200, f"r{i}") for i in range(5)]
+    for decision in decisions:
+        assert answers(decision) == decision.reason.encode()
+    assert answers(decisions[4]) == b"r4"
+    assert encoded == ["r0", "r1", "r2", "r3", "r4"], "the newest stays cached"
+    assert answers(decisions[0]) == b"r0"
+    assert encoded[-1] == "r0", "an evicted one is encoded again"
+    assert len(answers._cache) <= 3
