@@ -43,8 +43,11 @@ def cluster(http_options: str) -> dict[str, Any]:
     }
 
 
-def listener(hcm_type: str, router_type: str, timeout: float) -> dict[str, Any]:
-    """The internal listener: gRPC in, the HTTP service's ``extauthz`` cluster out."""
+def listener(
+    hcm_type: str, router_type: str, timeout: float, retry: dict[str, Any]
+) -> dict[str, Any]:
+    """The internal listener: gRPC in, the HTTP service's ``extauthz`` cluster out, a
+    check that could not reach a sidecar retried on another (``retry``)."""
     hcm = {
         "@type": hcm_type,
         "stat_prefix": NAME,
@@ -58,7 +61,11 @@ def listener(hcm_type: str, router_type: str, timeout: float) -> dict[str, Any]:
                     "routes": [
                         {
                             "match": {"prefix": "/"},
-                            "route": {"cluster": "extauthz", "timeout": f"{timeout}s"},
+                            "route": {
+                                "cluster": "extauthz",
+                                "timeout": f"{timeout}s",
+                                "retry_policy": retry,
+                            },
                         }
                     ],
                 }
