@@ -89,9 +89,9 @@ def _cluster(
                     "max_connections": 1024,
                     "max_pending_requests": 100_000,
                     "max_requests": 100_000,
-                    # Retries (see RETRY_ON) at once: Envoy's default allows 3, and a
-                    # replica dying under 4 clients lost the 4th. At least 10, or a
-                    # fifth of what is in flight, so a mass failure is not doubled.
+                    # Retries (see RETRY_ON) at once: Envoy's default allows 3, fewer
+                    # than the checks a dying replica can have in flight. At least 10,
+                    # or a fifth of what is in flight, so a mass failure is not doubled.
                     "retry_budget": {
                         "budget_percent": {"value": 20.0},
                         "min_retry_concurrency": 10,
@@ -214,6 +214,9 @@ def retry_policy() -> dict[str, Any]:
             }
         ],
         "host_selection_retry_max_attempts": 5,
+        # Envoy's default backoff (25 ms base) let a retried check meet the 0.5 s
+        # timeout before it was sent; another endpoint is there at once.
+        "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.01s"},
     }
 
 

@@ -52,10 +52,9 @@ def _load(port: int, key: str, until: float, statuses: Counter[int]) -> None:
 @pytest.mark.parametrize("mode", ["grpc", "http", "bridge"])
 def test_a_replica_killed_under_load_fails_no_client_request(tmp_path: Path, mode: str) -> None:
     """4 clients send requests back to back for 4 s; 1 s in, one of the three replicas
-    is SIGKILLed. Envoy retries what could not reach it on the others: at most the
-    checks in flight on its connections at the kill can fail (one per client), where
-    without the retry policy 900-1,400 requests got 503 until the health checks took
-    the replica out. Measured since: 0-2 per run, in each mode."""
+    is SIGKILLed. Every request gets 200: Envoy retries on another replica what could
+    not reach the dead one or was in flight on its connections (without the retry
+    policy, 900-1,400 requests got 503 until the health checks took it out)."""
     env = sidecar_env(tmp_path, POLICY)
     runtime = Runtime.open(load_settings(environ=env))
     runtime.tenants.create_tenant("load", TenantTier.ENTERPRISE, "t_load")
@@ -99,6 +98,5 @@ def test_a_replica_killed_under_load_fails_no_client_request(tmp_path: Path, mod
     print(f"\n{mode}: {dict(statuses)}; {killed_at} answered before the kill")
     assert killed_at > 0
     assert statuses[200] > killed_at, "requests went on after the kill"
-    assert set(statuses) <= {200, 503}, dict(statuses)
-    assert statuses[503] <= 4, dict(statuses)
+    assert set(statuses) == {200}, dict(statuses)
     assert codes[1:] == [0, 0], "the survivors stop cleanly"
