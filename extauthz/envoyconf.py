@@ -203,7 +203,7 @@ PREVIOUS_HOSTS = (
 )
 
 
-def retry_policy() -> dict[str, Any]:
+def retry_policy(timeout: float) -> dict[str, Any]:
     return {
         "retry_on": RETRY_ON,
         "num_retries": 2,
@@ -215,8 +215,10 @@ def retry_policy() -> dict[str, Any]:
         ],
         "host_selection_retry_max_attempts": 5,
         # Envoy's default backoff (25 ms base) let a retried check meet the 0.5 s
-        # timeout before it was sent; another endpoint is there at once.
-        "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.01s"},
+        # timeout before it was sent: another endpoint is there at once. The maximum is
+        # the check's timeout because ext_authz's clients also end each try after it:
+        # at 10 ms, 6 % of gRPC checks under load were cut off, retried and failed.
+        "retry_back_off": {"base_interval": "0.001s", "max_interval": f"{timeout}s"},
     }
 
 
@@ -286,7 +288,7 @@ def render(
             "envoy_grpc": {"cluster_name": "extauthz" if mode == "grpc" else envoybridge.NAME},
             "timeout": f"{timeout}s",
             # Bridge: the internal listener's route retries (envoybridge.py).
-            **({"retry_policy": retry_policy()} if mode == "grpc" else {}),
+            **({"retry_policy": retry_policy(timeout)} if mode == "grpc" else {}),
         }
     elif mode == "http":
         host, port = authz[0]
@@ -302,7 +304,7 @@ def render(
                 "allowed_client_headers": _matchers(CLIENT_HEADERS),
                 "allowed_client_headers_on_success": _matchers(RATELIMIT_HEADERS),
             },
-            "retry_policy": retry_policy(),
+            "retry_policy": retry_policy(timeout),
         }
     else:
         raise ConfigError(f"Envoy config mode must be grpc, http or bridge, not {mode!r}")
@@ -388,7 +390,9 @@ def render(
     if mode == "bridge":
         config["bootstrap_extensions"] = [envoybridge.INTERNAL_LISTENER]
         resources = config["static_resources"]
-        resources["listeners"].append(envoybridge.listener(HCM, ROUTER, timeout, retry_policy()))
+        resources["listeners"].append(
+            envoybridge.listener(HCM, ROUTER, timeout, retry_policy(timeout))
+        )
         bridge = envoybridge.cluster(HTTP_OPTIONS)
         bridge["circuit_breakers"] = resources["clusters"][1]["circuit_breakers"]
         resources["clusters"].append(bridge)
