@@ -19,15 +19,19 @@ from google.protobuf.message import DecodeError
 from extauthz.envoybridge import CONTENT_TYPE
 from extauthz.model import CheckInput, Decision
 from extauthz.transport import EncodedAnswers
-from extauthz.transport.grpc_authz import encode, response_headers_suffix, to_input
+from extauthz.transport.grpc_authz import (
+    CHECK_METHOD,
+    encode,
+    response_headers_suffix,
+    to_input,
+)
 
-PATH = "/envoy.service.auth.v3.Authorization/Check"
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: " + CONTENT_TYPE.encode() + b"\r\ncontent-length: "
 
 
 def read_bridged(method: bytes, path: str, content_type: object, body: bytes) -> CheckInput | None:
     """The check a bridged request carries, or None when it is not one."""
-    if method != b"POST" or path != PATH or content_type != CONTENT_TYPE:
+    if method != b"POST" or path != CHECK_METHOD or content_type != CONTENT_TYPE:
         return None
     try:
         request = authz_pb2.CheckRequest.FromString(body)
