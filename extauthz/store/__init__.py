@@ -27,8 +27,13 @@ def open_store(url: str, timeout: float = 0.25) -> Store:
             raise ConfigError(f"database URL {url!r} names no file")
         return SQLiteStore(Path(path), url=url)
     if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
-        from extauthz.store.postgres import PostgresStore
-
+        try:
+            from extauthz.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"database URL {scheme}://... needs the PostgreSQL client ({exc.name} is not "
+                "installed): pip install 'extauthz[postgres]'"
+            ) from None
         return PostgresStore(url, timeout=timeout)
     if scheme == "memory":
         from extauthz.store.memory import MemoryStore
