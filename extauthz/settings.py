@@ -140,7 +140,7 @@ def _level(value: object, what: str) -> str:
 def _mode(value: object, what: str) -> str:
     mode = str(value).lower()
     if mode not in MODES:
-        raise ConfigError(f"{what}: use grpc, http or both")
+        raise ConfigError(f"{what}: use grpc, http, both or bridge")
     return mode
 
 

@@ -26,6 +26,25 @@ def test_every_setting_is_documented_with_its_environment_name() -> None:
         assert f"| `{field.name}` | {env}" in SETTINGS or f"| — | {env}" in SETTINGS, field.name
 
 
+def test_every_documented_default_is_the_codes_default() -> None:
+    """The default column of docs/settings.md, read with each setting's own parser,
+    equals the Settings default (defaults that name other settings or paths, such as
+    `<data_dir>/pepper`, are prose and skipped)."""
+    from extauthz.settings import _PARSERS
+
+    defaults = Settings()
+    checked = 0
+    for name, default in re.findall(
+        r"^\| `(\w+)` \| `EXTAUTHZ_\w+` \| `([^`]*)` \|", SETTINGS, re.M
+    ):
+        if "<" in default or "$" in default:
+            continue
+        parsed = _PARSERS[name](default, f"docs/settings.md: {name}")
+        assert parsed == getattr(defaults, name), name
+        checked += 1
+    assert checked >= 30, checked
+
+
 def test_every_deny_reason_is_documented_with_its_status() -> None:
     """Each reason code appears in docs/deny-reasons.md's table with its HTTP status, and
     by name in the README's summary."""

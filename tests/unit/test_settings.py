@@ -58,6 +58,7 @@ def test_pepper_is_refused_in_settings_file(tmp_path: Path) -> None:
         ({"EXTAUTHZ_KEY_HEADERS": "bad header"}, "not a valid header"),
         ({"EXTAUTHZ_KEY_HEADERS": ","}, "at least one"),
         ({"EXTAUTHZ_LOG_LEVEL": "loud"}, "debug, info"),
+        ({"EXTAUTHZ_MODE": "grpcc"}, "grpc, http, both or bridge"),
     ],
 )
 def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
