@@ -45,6 +45,28 @@ def test_every_documented_default_is_the_codes_default() -> None:
     assert checked >= 30, checked
 
 
+def test_the_readme_settings_table_agrees_with_the_code() -> None:
+    """Each README row (one variable or several, with one default each) names a real
+    setting and its default, as the code has it (prose defaults are skipped)."""
+    from extauthz.settings import _PARSERS
+
+    defaults = Settings()
+    rows = re.findall(r"^\| (`EXTAUTHZ_[^|]*) \| ([^|]*) \|", README, re.M)
+    assert len(rows) >= 10, rows
+    checked = 0
+    for names_cell, defaults_cell in rows:
+        names = re.findall(r"`EXTAUTHZ_(\w+)`", names_cell)
+        values = re.findall(r"`([^`]*)`", defaults_cell)
+        for i, env_name in enumerate(names):
+            name = env_name.lower()
+            assert name in _PARSERS, env_name
+            if len(values) != len(names) or "<" in values[i] or "~" in values[i]:
+                continue
+            assert _PARSERS[name](values[i], f"README: {name}") == getattr(defaults, name), name
+            checked += 1
+    assert checked >= 8, checked
+
+
 def test_every_deny_reason_is_documented_with_its_status() -> None:
     """Each reason code appears in docs/deny-reasons.md's table with its HTTP status, and
     by name in the README's summary."""
