@@ -44,73 +44,6 @@ def _default_data_dir() -> Path:
     return Path(base) / "extauthz"
 
 
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path = field(default_factory=_default_data_dir)
-    database_url: str = ""  # default: sqlite file in data_dir
-    pepper_file: Path | None = None  # default: data_dir/pepper
-    pepper: str = field(default="", repr=False)
-    mode: str = "grpc"
-    grpc_addr: str = "127.0.0.1:9001"
-    http_addr: str = "127.0.0.1:9002"
-    als_addr: str = "127.0.0.1:9003"  # Envoy's access-log stream (frees slots, settles tokens)
-    access_log: str = "grpc"  # how Envoy sends it: grpc (access-log service) or fluentd
-    grpc_workers: int = 4
-    key_headers: tuple[str, ...] = ("x-api-key", "authorization")
-    key_prefix: str = "nk"
-    policy_file: Path | None = None  # default: the built-in tier defaults, no routes
-    query_key_params: tuple[str, ...] = ("api_key", "apikey")
-    key_cache_ttl: float = 30.0
-    key_cache_negative_ttl: float = 5.0
-    key_cache_size: int = 100_000
-    # While the store is down, cached keys keep working up to this age (then 503).
-    key_cache_max_stale: float = 300.0
-    store_timeout: float = 0.25  # a key lookup waits this long for PostgreSQL, then 503
-    revocation_poll: float = 0.25
-    last_used_flush: float = 5.0
-    shutdown_grace: float = 5.0
-    log_level: str = "info"
-    counters_url: str = "memory://"
-    lease_ttl: float = 60.0  # a slot whose access-log entry never comes is freed after this
-    counters_timeout: float = 0.05  # each Redis call; then the tier's on_counters_down
-    replicas: int = 1  # how many servers share the counters: the local fallback's divisor
-    flush_interval: float = 1.0  # daily counts and audit events reach the store this often
-    usage_headers: tuple[str, ...] = ("x-usage-input-tokens", "x-usage-output-tokens")
-    max_body_bytes: int = 1_048_576  # bodies Envoy sends for a max_tokens field; larger: 413
-    audit_blocking: bool = False  # "no audit, no allow": write each event before answering
-    metrics_addr: str = "127.0.0.1:9004"  # /metrics, /healthz, /readyz; "off" disables
-    metrics_namespace: str = "extauthz"
-    metrics_tenant_label: bool = True  # a `tenant` label on request counts
-    metrics_tenant_cap: int = 1000  # tenants with their own label value; the rest "other"
-    trace_exporter: str = "none"  # none, console (stderr) or otlp (the otlp extra)
-    trace_sample_ratio: float = 1.0  # share of root traces sampled; parents decide for children
-    log_format: str = "text"  # text or json (one JSON object per line)
-    # Not a setting: the names the file or the environment gave (the rest are defaults).
-    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'extauthz.db'}"
-
-    @property
-    def pepper_path(self) -> Path:
-        return self.pepper_file or self.data_dir / "pepper"
-
-    def is_given(self, name: str) -> bool:
-        """Whether ``name`` came from the settings file, the environment or a flag."""
-        return name in self.given
-
-    def with_flags(self, **flags: Any) -> Settings:
-        """Command-line flags over these settings (None: that flag was not given)."""
-        given = {name: value for name, value in flags.items() if value is not None}
-        return self.with_overrides(**given) if given else self
-
-    def with_overrides(self, **changes: Any) -> Settings:
-        """These values instead (from command-line flags); they count as given."""
-        given = self.given | {k for k in changes if k != "given"}
-        return dataclasses.replace(self, **changes, given=given)
-
-
 def _names(text: str | list[str], what: str) -> tuple[str, ...]:
     items = text.split(",") if isinstance(text, str) else list(text)
     names = tuple(str(i).strip().lower() for i in items if str(i).strip())
@@ -203,48 +136,120 @@ def _counters_url(value: object, what: str) -> str:
     return url
 
 
+def setting(
+    default: Any = None,
+    parse: Callable[[Any, str], Any] = str,
+    *,
+    factory: Callable[[], Any] | None = None,
+    env_only: bool = False,
+    repr: bool = True,
+) -> Any:
+    """A setting's default, its parser (file and environment values), and whether it may
+    come only from the environment (a secret): declared once, on the field."""
+    metadata = {"parse": parse, "env_only": env_only}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, repr=repr, metadata=metadata)
+
+
+def _text(value: object, what: str) -> str:
+    return str(value)
+
+
+def _path(value: object, what: str) -> Path:
+    return Path(str(value)).expanduser()
+
+
+def _one_of(*choices: str) -> Callable[[Any, str], str]:
+    return lambda value, what: _choice(value, what, choices)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = setting(parse=_path, factory=_default_data_dir)
+    database_url: str = setting("", _text)  # default: sqlite file in data_dir
+    pepper_file: Path | None = setting(None, _path)  # default: data_dir/pepper
+    pepper: str = setting("", _text, env_only=True, repr=False)
+    mode: str = setting("grpc", _mode)
+    grpc_addr: str = setting("127.0.0.1:9001", _text)
+    http_addr: str = setting("127.0.0.1:9002", _text)
+    # Envoy's access-log stream (frees slots, settles tokens), and how Envoy sends it:
+    # grpc (the access-log service) or fluentd.
+    als_addr: str = setting("127.0.0.1:9003", _text)
+    access_log: str = setting("grpc", _one_of("grpc", "fluentd"))
+    grpc_workers: int = setting(4, _positive_int)
+    key_headers: tuple[str, ...] = setting(("x-api-key", "authorization"), _header_names)
+    key_prefix: str = setting("nk", _text)
+    policy_file: Path | None = setting(None, _path)  # default: built-in tiers, no routes
+    query_key_params: tuple[str, ...] = setting(("api_key", "apikey"), _names)
+    key_cache_ttl: float = setting(30.0, parse_duration)
+    key_cache_negative_ttl: float = setting(5.0, parse_duration)
+    key_cache_size: int = setting(100_000, _positive_int)
+    # While the store is down, cached keys keep working up to this age (then 503).
+    key_cache_max_stale: float = setting(300.0, parse_duration)
+    # A key lookup waits this long for PostgreSQL, then 503.
+    store_timeout: float = setting(0.25, _positive_duration)
+    revocation_poll: float = setting(0.25, parse_duration)
+    last_used_flush: float = setting(5.0, parse_duration)
+    shutdown_grace: float = setting(5.0, parse_duration)
+    log_level: str = setting("info", _level)
+    counters_url: str = setting("memory://", _counters_url)
+    # A slot whose access-log entry never comes is freed after this.
+    lease_ttl: float = setting(60.0, _positive_duration)
+    # Each Redis call; then the tier's on_counters_down.
+    counters_timeout: float = setting(0.05, _positive_duration)
+    # How many servers share the counters: the local fallback's divisor.
+    replicas: int = setting(1, _positive_int)
+    # Daily counts and audit events reach the store this often.
+    flush_interval: float = setting(1.0, _positive_duration)
+    usage_headers: tuple[str, ...] = setting(
+        ("x-usage-input-tokens", "x-usage-output-tokens"), _names
+    )
+    # Bodies Envoy sends for a max_tokens field; larger ones get 413.
+    max_body_bytes: int = setting(1_048_576, _positive_int)
+    # "No audit, no allow": write each event before answering.
+    audit_blocking: bool = setting(False, _boolean)
+    metrics_addr: str = setting("127.0.0.1:9004", _text)  # "off" disables
+    metrics_namespace: str = setting("extauthz", _metric_name)
+    metrics_tenant_label: bool = setting(True, _boolean)  # a `tenant` label on request counts
+    # Tenants with their own label value; the rest are "other".
+    metrics_tenant_cap: int = setting(1000, _positive_int)
+    trace_exporter: str = setting("none", _one_of("none", "console", "otlp"))
+    # The share of root traces sampled; parents decide for their children.
+    trace_sample_ratio: float = setting(1.0, _ratio)
+    log_format: str = setting("text", _one_of("text", "json"))
+    # Not a setting: the names the file or the environment gave (the rest are defaults).
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'extauthz.db'}"
+
+    @property
+    def pepper_path(self) -> Path:
+        return self.pepper_file or self.data_dir / "pepper"
+
+    def is_given(self, name: str) -> bool:
+        """Whether ``name`` came from the settings file, the environment or a flag."""
+        return name in self.given
+
+    def with_flags(self, **flags: Any) -> Settings:
+        """Command-line flags over these settings (None: that flag was not given)."""
+        given = {name: value for name, value in flags.items() if value is not None}
+        return self.with_overrides(**given) if given else self
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """These values instead (from command-line flags); they count as given."""
+        given = self.given | {k for k in changes if k != "given"}
+        return dataclasses.replace(self, **changes, given=given)
+
+
+# From the fields above: each setting's parser, and the secrets accepted from the
+# environment only (never from a settings file).
 _PARSERS: dict[str, Callable[[Any, str], Any]] = {
-    "data_dir": lambda v, w: Path(str(v)).expanduser(),
-    "database_url": lambda v, w: str(v),
-    "pepper_file": lambda v, w: Path(str(v)).expanduser(),
-    "pepper": lambda v, w: str(v),
-    "mode": _mode,
-    "grpc_addr": lambda v, w: str(v),
-    "http_addr": lambda v, w: str(v),
-    "grpc_workers": _positive_int,
-    "key_headers": _header_names,
-    "key_prefix": lambda v, w: str(v),
-    "policy_file": lambda v, w: Path(str(v)).expanduser(),
-    "query_key_params": _names,
-    "key_cache_ttl": parse_duration,
-    "key_cache_negative_ttl": parse_duration,
-    "key_cache_size": _positive_int,
-    "key_cache_max_stale": parse_duration,
-    "store_timeout": _positive_duration,
-    "revocation_poll": parse_duration,
-    "last_used_flush": parse_duration,
-    "shutdown_grace": parse_duration,
-    "log_level": _level,
-    "als_addr": lambda v, w: str(v),
-    "access_log": lambda v, w: _choice(v, w, ("grpc", "fluentd")),
-    "counters_url": _counters_url,
-    "lease_ttl": _positive_duration,
-    "counters_timeout": _positive_duration,
-    "replicas": _positive_int,
-    "flush_interval": _positive_duration,
-    "usage_headers": _names,
-    "max_body_bytes": _positive_int,
-    "audit_blocking": _boolean,
-    "metrics_addr": lambda v, w: str(v),
-    "metrics_namespace": _metric_name,
-    "metrics_tenant_label": _boolean,
-    "metrics_tenant_cap": _positive_int,
-    "trace_exporter": lambda v, w: _choice(v, w, ("none", "console", "otlp")),
-    "trace_sample_ratio": _ratio,
-    "log_format": lambda v, w: _choice(v, w, ("text", "json")),
+    f.name: f.metadata["parse"] for f in dataclasses.fields(Settings) if "parse" in f.metadata
 }
-# The pepper is a secret: accepted from the environment only, never from a settings file.
-_ENV_ONLY = {"pepper"}
+_ENV_ONLY = {f.name for f in dataclasses.fields(Settings) if f.metadata.get("env_only")}
 
 
 def load_settings(
