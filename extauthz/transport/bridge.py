@@ -18,13 +18,7 @@ from google.protobuf.message import DecodeError
 
 from extauthz.envoybridge import CONTENT_TYPE
 from extauthz.model import CheckInput, Decision
-from extauthz.transport import EncodedAnswers
-from extauthz.transport.grpc_authz import (
-    CHECK_METHOD,
-    encode,
-    response_headers_suffix,
-    to_input,
-)
+from extauthz.transport.grpc_authz import CHECK_METHOD, CheckResponses, to_input
 
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: " + CONTENT_TYPE.encode() + b"\r\ncontent-length: "
 
@@ -47,17 +41,15 @@ def http_answer(message: bytes, keep_alive: bool = True) -> bytes:
 
 
 class BridgeAnswers:
-    """HTTP answers carrying CheckResponses, each allow or deny encoded once."""
+    """HTTP answers carrying CheckResponses, encoded as the gRPC adapter encodes them."""
 
     def __init__(self, denials: dict[str, Decision]) -> None:
-        self.encoded = EncodedAnswers(encode)
-        self.invalid = http_answer(encode(denials["invalid_request"]))
-        self.internal_error = http_answer(encode(denials["internal_error"]), keep_alive=False)
-        self.overloaded = http_answer(encode(denials["overloaded"]))
+        self.responses = CheckResponses()
+        self.invalid = http_answer(self.responses(denials["invalid_request"]))
+        self.internal_error = http_answer(
+            self.responses(denials["internal_error"]), keep_alive=False
+        )
+        self.overloaded = http_answer(self.responses(denials["overloaded"]))
 
     def __call__(self, decision: Decision, keep_alive: bool) -> bytes:
-        if decision.base is not None:
-            message = self.encoded(decision.base) + response_headers_suffix(decision.client_headers)
-        else:
-            message = self.encoded(decision)
-        return http_answer(message, keep_alive)
+        return http_answer(self.responses(decision), keep_alive)

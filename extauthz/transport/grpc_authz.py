@@ -109,6 +109,19 @@ def encode(decision: Decision) -> bytes:
     return data
 
 
+class CheckResponses:
+    """CheckResponses on the wire: each reusable decision encoded once, and a per-request
+    allow as its base's cached encoding plus its own RateLimit headers."""
+
+    def __init__(self) -> None:
+        self._encoded = EncodedAnswers(encode)
+
+    def __call__(self, decision: Decision) -> bytes:
+        if decision.base is not None:
+            return self._encoded(decision.base) + response_headers_suffix(decision.client_headers)
+        return self._encoded(decision)
+
+
 def to_input(request: Any) -> CheckInput | None:
     """The plain request, or None when Envoy's attributes are missing."""
     attrs = request.attributes
@@ -145,10 +158,10 @@ class GrpcAuthz:
     def __init__(self, authorizer: Authorizer, metrics: Metrics | None = None) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
-        self._encoded = EncodedAnswers(encode)
-        self._invalid = self._encoded(authorizer.denials["invalid_request"])
-        self._internal = self._encoded(authorizer.denials["internal_error"])
-        self._overloaded = self._encoded(authorizer.denials["overloaded"])
+        self.responses = CheckResponses()
+        self._invalid = self.responses(authorizer.denials["invalid_request"])
+        self._internal = self.responses(authorizer.denials["internal_error"])
+        self._overloaded = self.responses(authorizer.denials["overloaded"])
         self.shed = 0  # checks answered `overloaded` without being decided
 
     def overloaded(self, data: bytes, context: grpc.ServicerContext) -> bytes:
@@ -178,12 +191,7 @@ class GrpcAuthz:
             checked = to_input(request)
             if checked is None:
                 return self._invalid
-            decision = self.authorizer.check(checked)
-            if decision.base is not None:
-                return self._encoded(decision.base) + response_headers_suffix(
-                    decision.client_headers
-                )
-            return self._encoded(decision)
+            return self.responses(self.authorizer.check(checked))
         except Exception:
             # Fail closed with an explicit answer; the traceback stays in our log.
             log.exception("check failed")
