@@ -30,6 +30,7 @@ from typing import Any
 from bench.floors import Floor, GrpcFloor, NginxFloor, stop_process
 from extauthz.envoyconf import ROUTER, render
 from extauthz.launcher import EnvoyProcess
+from extauthz.settings import check_server
 
 API_KEY_AUTH = "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth"
 LOCAL_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
@@ -140,7 +141,7 @@ class Sidecar:
     def __init__(self, mode: str, env: dict[str, str], workdir: Path, workers: int = 1) -> None:
         self.mode = mode
         self.log = workdir / f"sidecar-{mode}.log"
-        transport = "grpc" if mode == "grpc" else "http"  # bridge: the HTTP service
+        transport = check_server(mode)
         args = [
             sys.executable,
             "-m",

@@ -25,6 +25,13 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # counters_url: shared cou
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
+def check_server(mode: str) -> str:
+    """The server Envoy's checks reach in ``mode`` (grpc, http or bridge): "grpc", or
+    "http" (a bridge ends at the HTTP service). Its address is ``<server>_addr`` and its
+    port ``<server>_port`` in a ready line."""
+    return "grpc" if mode == "grpc" else "http"
+
+
 def parse_duration(text: str | float, what: str = "duration") -> float:
     """``1.5``, ``250ms``, ``30s``, ``15m``, ``12h``, ``30d``, ``2w`` -> seconds."""
     if isinstance(text, int | float) and not isinstance(text, bool):

@@ -20,7 +20,7 @@ from extauthz.errors import ConfigError
 from extauthz.launcher import EnvoyError, EnvoyProcess
 from extauthz.policy import Policy, load_policy
 from extauthz.runner import address_flags
-from extauthz.settings import Settings
+from extauthz.settings import Settings, check_server
 from extauthz.sidecar import Sidecar
 from extauthz.signals import StopSignals
 
@@ -33,9 +33,8 @@ def sidecar_addresses(settings: Settings, mode: str) -> dict[str, str]:
     """Where `up` and `demo` run the sidecar: the addresses the settings (or flags)
     give, like `serve`; the ones not given on a free loopback port, since `up` writes
     Envoy's config itself and needs no fixed port."""
-    names = {"grpc": "grpc_addr", "http": "http_addr", "bridge": "http_addr"}
     chosen = {}
-    for name in (names[mode], "als_addr", "metrics_addr"):
+    for name in (f"{check_server(mode)}_addr", "als_addr", "metrics_addr"):
         given = settings.is_given(name)
         chosen[name] = getattr(settings, name) if given else ANY_PORT
     return chosen
@@ -70,8 +69,8 @@ def _up(
         addresses["als_addr"],
         addresses["metrics_addr"],
     )
-    name = "grpc" if mode == "grpc" else "http"  # bridge: Envoy reaches the HTTP service
-    authz = (_loopback(addresses[f"{name}_addr"]), ports[f"{name}_port"])
+    server = check_server(mode)
+    authz = (_loopback(addresses[f"{server}_addr"]), ports[f"{server}_port"])
     config = render(
         listen=listen,
         upstream=upstream,
@@ -219,7 +218,7 @@ def policy_options(settings: Settings, policy: Policy) -> dict[str, Any]:
 
 
 def cmd_envoy_config(args: argparse.Namespace, settings: Settings) -> int:
-    default = settings.http_addr if args.mode in ("http", "bridge") else settings.grpc_addr
+    default = getattr(settings, f"{check_server(args.mode)}_addr")
     authz = [parse_hostport(a, "--authz") for a in (args.authz or [default])]
     als = [parse_hostport(a, "--als") for a in (args.als or [settings.als_addr])]
     policy = load_policy(settings.policy_file) if settings.policy_file else Policy()

@@ -21,7 +21,7 @@ from extauthz.demo import EchoBackend
 from extauthz.envoyconf import render
 from extauthz.launcher import EnvoyProcess
 from extauthz.model import TenantTier
-from extauthz.settings import load_settings
+from extauthz.settings import check_server, load_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -36,12 +36,7 @@ def start_sidecar(
     """`extauthz serve --mode MODE` on free ports; returns the process, its check port and
     its access-log port."""
     proc, ports = start_sidecar_ports(env, log, mode)
-    return proc, ports[check_port_name(mode)], ports["als_port"]
-
-
-def check_port_name(mode: str) -> str:
-    """The ready line's name for the port Envoy's checks go to (bridge: the HTTP one)."""
-    return "grpc_port" if mode == "grpc" else "http_port"
+    return proc, ports[f"{check_server(mode)}_port"], ports["als_port"]
 
 
 def start_sidecar_ports(
@@ -54,7 +49,7 @@ def start_sidecar_ports(
                 "serve",
                 "--mode",
                 mode,
-                f"--{check_port_name(mode)[:-5]}-addr",
+                f"--{check_server(mode)}-addr",
                 "127.0.0.1:0",
                 "--als-addr",
                 "127.0.0.1:0",
@@ -165,7 +160,7 @@ def running_stack(
     runtime = Runtime.open(load_settings(environ=env))
     backend = (backend or EchoBackend()).start()
     sidecar, ports = start_sidecar_ports(env, data / "sidecar.log", mode)
-    authz_port, als_port = ports[check_port_name(mode)], ports["als_port"]
+    authz_port, als_port = ports[f"{check_server(mode)}_port"], ports["als_port"]
     config = render(
         listen=("127.0.0.1", 0),
         upstream=("127.0.0.1", backend.port),

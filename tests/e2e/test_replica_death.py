@@ -18,8 +18,8 @@ from extauthz.demo import EchoBackend
 from extauthz.envoyconf import render
 from extauthz.launcher import EnvoyProcess
 from extauthz.model import TenantTier
-from extauthz.settings import load_settings
-from tests.e2e.conftest import check_port_name, sidecar_env, start_sidecar_ports, stop
+from extauthz.settings import check_server, load_settings
+from tests.e2e.conftest import sidecar_env, start_sidecar_ports, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def test_a_replica_killed_under_load_fails_no_client_request(tmp_path: Path, mod
         render(
             listen=("127.0.0.1", 0),
             upstream=("127.0.0.1", backend.port),
-            authz=[("127.0.0.1", ports[check_port_name(mode)]) for _, ports in started],
+            authz=[("127.0.0.1", ports[f"{check_server(mode)}_port"]) for _, ports in started],
             als=[("127.0.0.1", ports["als_port"]) for _, ports in started],
             admin=("127.0.0.1", 0),
             mode=mode,

@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
 from tests.unit.test_grpc_transport import make_request
-from tests.unit.test_http_transport import exchange, port, request
+from tests.unit.test_http_transport import exchange, request
 
 PATH = "/envoy.service.auth.v3.Authorization/Check"
-__all__ = ["port"]  # the plain HTTP service's fixture, used below
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,14 +12,6 @@ from extauthz.authorizer import Authorizer
 from extauthz.model import CheckInput, Decision
 from extauthz.testing import CountingStore
 from extauthz.transport.http_authz import MAX_HEAD_BYTES, HttpAuthzThread
-
-
-@pytest.fixture
-def port(authorizer: Authorizer) -> Iterator[int]:
-    server = HttpAuthzThread(authorizer)
-    bound = server.start("127.0.0.1", 0)
-    yield bound
-    server.stop(1)
 
 
 def exchange(port: int, request: bytes) -> bytes:
